@@ -1,0 +1,88 @@
+"""mHC coefficients `H_pre, H_post, H_res` from the residual streams (spec §3, Eq. 7–8).
+
+Layout of the `n*n + 2n` logits: `[pre (n) | post (n) | res (n*n, row-major)]`, so that
+`h[2n + i*n + j]` is the logit of `H_res[i, j]`. Everything here runs in float32 whatever the
+activation dtype.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from mhc_jax.sinkhorn import DEFAULT_EPS, DEFAULT_NUM_ITERS, sinkhorn_knopp
+
+IMPLS = ("xla", "pallas")
+
+
+def num_logits(n: int) -> int:
+  """Width of the coefficient projection `phi`: n (pre) + n (post) + n*n (res)."""
+  return n * n + 2 * n
+
+
+def expand_alpha(alpha_3: jax.Array, n: int) -> jax.Array:
+  """Broadcasts `(alpha_pre, alpha_post, alpha_res)` to the `n*n + 2n` logit layout."""
+  alpha_3 = alpha_3.astype(jnp.float32)
+  return jnp.concatenate([
+      jnp.full((n,), alpha_3[0]), jnp.full((n,), alpha_3[1]), jnp.full((n * n,), alpha_3[2])
+  ])
+
+
+def coefficients_from_logits(
+    h: jax.Array, n: int, *, num_iters: int = DEFAULT_NUM_ITERS, eps: float = DEFAULT_EPS,
+    post_scale: float = 2.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Splits `(..., n*n + 2n)` logits into `(h_pre (..., n), h_post (..., n), h_res (..., n, n))`."""
+  h = h.astype(jnp.float32)
+  h_pre = jax.nn.sigmoid(h[..., :n]) + eps
+  h_post = post_scale * jax.nn.sigmoid(h[..., n:2 * n])
+  h_res = sinkhorn_knopp(h[..., 2 * n:].reshape(*h.shape[:-1], n, n), num_iters=num_iters, eps=eps)
+  return h_pre, h_post, h_res
+
+
+def rms_scale(x_flat: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
+  """`rsqrt(mean(v**2) + eps)` over the last axis, float32, keepdims."""
+  x_flat = x_flat.astype(jnp.float32)
+  return jax.lax.rsqrt(jnp.mean(jnp.square(x_flat), axis=-1, keepdims=True) + eps)
+
+
+def _check_shapes(x, phi, alpha, bias):
+  if x.ndim < 2:
+    raise ValueError(f"mhc_coefficients: x must have shape (..., n, C); got {x.shape}.")
+  n, c = x.shape[-2:]
+  want_phi = (n * c, num_logits(n))
+  if phi.shape != want_phi:
+    raise ValueError(
+        f"mhc_coefficients: phi has shape {phi.shape}, expected (n*C, n*n + 2n) = {want_phi} "
+        f"for x of shape {x.shape} (n={n}, C={c})."
+    )
+  if alpha.shape != (3,):
+    raise ValueError(f"mhc_coefficients: alpha must have shape (3,); got {alpha.shape}.")
+  if bias.shape != (num_logits(n),):
+    raise ValueError(
+        f"mhc_coefficients: bias has shape {bias.shape}, expected ({num_logits(n)},) for n={n}."
+    )
+
+
+def mhc_coefficients(
+    x: jax.Array, phi: jax.Array, alpha: jax.Array, bias: jax.Array, *,
+    num_iters: int = DEFAULT_NUM_ITERS, eps: float = DEFAULT_EPS, post_scale: float = 2.0,
+    impl: str = "xla",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Computes `(h_pre (..., n), h_post (..., n), h_res (..., n, n))` from streams `x (..., n, C)`.
+
+  `v = vec(x)` is stream-major; `h = alpha * (v @ phi) * rsqrt(mean(v**2) + eps) + bias`, then
+  `sigmoid + eps`, `post_scale * sigmoid` and Sinkhorn. `v @ phi` is computed before the RMS
+  scale, as the fused kernel does (one read of `v`, two reductions). `impl="pallas"` runs the
+  fused kernel of `kernels_pallas` (interpret mode on CPU).
+  """
+  _check_shapes(x, phi, alpha, bias)
+  if impl == "pallas":
+    import kernels_pallas  # pylint: disable=g-import-not-at-top  (optional dependency)
+    return kernels_pallas.mhc_coefficients(
+        x, phi, alpha, bias, num_iters=num_iters, eps=eps, post_scale=post_scale)
+  if impl != "xla":
+    raise ValueError(f"mhc_coefficients: impl must be one of {IMPLS}; got {impl!r}.")
+  n, c = x.shape[-2:]
+  v = x.reshape(*x.shape[:-2], n * c).astype(jnp.float32)
+  proj = jnp.dot(v, phi.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  h = expand_alpha(alpha, n) * proj * rms_scale(v, eps) + bias.astype(jnp.float32)
+  return coefficients_from_logits(h, n, num_iters=num_iters, eps=eps, post_scale=post_scale)
