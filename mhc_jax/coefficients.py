@@ -38,10 +38,38 @@ def coefficients_from_logits(
   return h_pre, h_post, h_res
 
 
-def rms_scale(x_flat: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
-  """`rsqrt(mean(v**2) + eps)` over the last axis, float32, keepdims."""
-  x_flat = x_flat.astype(jnp.float32)
-  return jax.lax.rsqrt(jnp.mean(jnp.square(x_flat), axis=-1, keepdims=True) + eps)
+def rms_scale(x: jax.Array, eps: float = DEFAULT_EPS, axis=-1) -> jax.Array:
+  """`rsqrt(mean(x**2) + eps)` over `axis` (an int or tuple), float32, keepdims."""
+  x = x.astype(jnp.float32)
+  return jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axis, keepdims=True) + eps)
+
+
+@jax.custom_vjp
+def project(x_xNxC: jax.Array, phi_NCxK: jax.Array) -> jax.Array:
+  """`vec(x) @ phi` for a thin `phi` (K = n*n + 2n columns), float32, `(..., K)`.
+
+  Takes the streams unflattened so the VJP's residual is `x` itself, shared with the stream
+  mixing VJPs (one stacked copy per layer under `nn.scan`). `dphi` is computed as
+  `(dproj^T v)^T`, the layout XLA's CPU dot handles 6x faster than autodiff's `v^T dproj`.
+  """
+  v = x_xNxC.reshape(*x_xNxC.shape[:-2], -1).astype(jnp.float32)
+  return jnp.dot(v, phi_NCxK, precision=jax.lax.Precision.HIGHEST)
+
+
+def _project_fwd(x_xNxC, phi_NCxK):
+  return project(x_xNxC, phi_NCxK), (x_xNxC, phi_NCxK)
+
+
+def _project_bwd(res, dproj_xK):
+  x_xNxC, phi_NCxK = res
+  hi = jax.lax.Precision.HIGHEST
+  dx = jnp.dot(dproj_xK, phi_NCxK.T, precision=hi).reshape(x_xNxC.shape).astype(x_xNxC.dtype)
+  v_TxNC = x_xNxC.reshape(-1, phi_NCxK.shape[0]).astype(jnp.float32)
+  dphi_KxNC = jnp.dot(dproj_xK.reshape(-1, phi_NCxK.shape[1]).T, v_TxNC, precision=hi)
+  return dx, dphi_KxNC.T
+
+
+project.defvjp(_project_fwd, _project_bwd)
 
 
 def _check_shapes(x, phi, alpha, bias):
@@ -81,8 +109,7 @@ def mhc_coefficients(
         x, phi, alpha, bias, num_iters=num_iters, eps=eps, post_scale=post_scale)
   if impl != "xla":
     raise ValueError(f"mhc_coefficients: impl must be one of {IMPLS}; got {impl!r}.")
-  n, c = x.shape[-2:]
-  v = x.reshape(*x.shape[:-2], n * c).astype(jnp.float32)
-  proj = jnp.dot(v, phi.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-  h = expand_alpha(alpha, n) * proj * rms_scale(v, eps) + bias.astype(jnp.float32)
+  n = x.shape[-2]
+  r = rms_scale(x, eps, axis=(-2, -1))[..., 0]  # (..., 1): RMS over all n*C values
+  h = expand_alpha(alpha, n) * project(x, phi.astype(jnp.float32)) * r + bias.astype(jnp.float32)
   return coefficients_from_logits(h, n, num_iters=num_iters, eps=eps, post_scale=post_scale)

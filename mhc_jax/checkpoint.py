@@ -1,0 +1,72 @@
+"""Orbax checkpoints of the train state, the grain iterator and the run config, saved together.
+
+Layout: `<workdir>/checkpoints/<step>/{state, data_iter, config}`. Saves are asynchronous and
+the manager keeps the newest `keep` steps; a save only becomes visible once complete, so a crash
+mid-save leaves the previous checkpoint intact.
+"""
+
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from mhc_jax.config import ModelConfig
+
+
+def make_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+  )
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
+         config: ml_collections.ConfigDict) -> None:
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data_iter=grain.checkpoint.CheckpointSave(data_iter),
+      config=ocp.args.JsonSave(config.to_dict()),
+  ))
+
+
+def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
+  return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a checkpoint of a different model, naming the fields that differ."""
+  current = ModelConfig.from_dict(config.model).__dict__
+  before = ModelConfig.from_dict(saved["model"]).__dict__
+  diff = {k: (before[k], current[k]) for k in current if before[k] != current[k]}
+  if diff:
+    shown = ", ".join(f"model.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+    raise ValueError(
+        f"{workdir} holds a checkpoint of a different model ({shown}). Use another --workdir, "
+        "or the checkpoint's settings, to resume.")
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter: Any) -> Any:
+  """Returns the restored state; `data_iter` is restored in place."""
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+  ))
+  return restored.state
+
+
+def load_for_inference(workdir: str) -> tuple[ModelConfig, Any, str | None]:
+  """`(model_config, params, data_dir)` of the latest checkpoint in `workdir`."""
+  from mhc_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
+  mngr = make_manager(workdir)
+  step = mngr.latest_step()
+  if step is None:
+    raise ValueError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
+                     "train first: python -m launch.train --workdir=" + workdir)
+  config = ml_collections.ConfigDict(saved_config(mngr, step))
+  abstract = jax.eval_shape(lambda: train.build_state(config, mesh=None)[0])
+  params = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract))).state.params
+  return ModelConfig.from_dict(config.model), params, config.data.dir or None

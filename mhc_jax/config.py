@@ -1,0 +1,96 @@
+"""Model configuration: one frozen dataclass that validates itself at construction."""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+CONNECTIONS = ("residual", "hc", "mhc")
+EXITS = ("gated", "sum", "mean")
+REMAT_POLICIES = ("none", "full", "dots", "mhc_block")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _fail(field: str, value: Any, fix: str):
+  raise ValueError(f"model.{field}={value!r} is invalid: {fix}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only LM whose sublayers are wrapped by a residual, HC or mHC connection."""
+  vocab_size: int = 256  # Token vocabulary (256 for bytes).
+  d_model: int = 256  # Width C of each residual stream.
+  num_layers: int = 4  # Transformer blocks; each is 2 connection layers (attention, MLP).
+  num_heads: int = 4  # Query heads.
+  num_kv_heads: int = 0  # Key/value heads for grouped-query attention; 0 means num_heads.
+  mlp_dim: int = 0  # SwiGLU hidden width; 0 means 8/3 * d_model rounded up to 64.
+  rope_theta: float = 10_000.0  # RoPE base frequency.
+  norm_eps: float = 1e-6  # Epsilon of the sublayer RMSNorms.
+  dtype: str = "float32"  # Activation dtype; params are always float32.
+  connection: str = "mhc"  # residual | hc | mhc.
+  n_streams: int = 4  # Expansion rate n; must be 1 for residual.
+  sinkhorn_iters: int = 20  # Sinkhorn–Knopp iterations for H_res.
+  mhc_eps: float = 1e-6  # eps of the coefficient RMS, of H_pre and of Sinkhorn (spec §3).
+  mhc_alpha_init: float = 0.01  # Initial alpha_pre/post/res (paper Table 5).
+  mhc_res_identity_bias: float = 0.0  # tau in b_res = tau * I; 0 starts H_res uniform.
+  mhc_dynamic: bool = True  # False gives static mHC (coefficients from the bias only).
+  mhc_exit: str = "gated"  # gated | sum | mean collapse of the streams at the exit.
+  mhc_impl: str = "xla"  # xla | pallas (fused kernels; falls back to xla if C % 128 != 0).
+  hc_scale: float = 0.01  # s of the dynamic HC terms (Zhu et al.).
+  remat_policy: str = "none"  # none | full | dots | mhc_block (paper's block recompute).
+  scan_layers: bool = True  # nn.scan over blocks; False unrolls a Python loop (for tests).
+
+  def __post_init__(self):
+    for field in ("vocab_size", "d_model", "num_layers", "num_heads"):
+      if getattr(self, field) < 1:
+        _fail(field, getattr(self, field), "must be a positive integer.")
+    if self.d_model % self.num_heads:
+      _fail("d_model", self.d_model,
+            f"must be divisible by num_heads={self.num_heads}; change either.")
+    if self.head_dim % 2:
+      _fail("d_model", self.d_model,
+            f"d_model / num_heads = {self.head_dim} must be even for RoPE.")
+    if self.num_kv_heads < 0 or self.num_heads % self.kv_heads:
+      _fail("num_kv_heads", self.num_kv_heads,
+            f"must divide num_heads={self.num_heads} (0 means num_heads).")
+    if self.connection not in CONNECTIONS:
+      _fail("connection", self.connection, f"choose one of {CONNECTIONS}.")
+    if self.n_streams < 1:
+      _fail("n_streams", self.n_streams, "must be >= 1 (the paper uses 4).")
+    if self.connection == "residual" and self.n_streams != 1:
+      _fail("n_streams", self.n_streams, "connection='residual' has one stream; set n_streams=1.")
+    if self.sinkhorn_iters < 1:
+      _fail("sinkhorn_iters", self.sinkhorn_iters, "must be >= 1 (the paper uses 20).")
+    if self.mhc_exit not in EXITS:
+      _fail("mhc_exit", self.mhc_exit, f"choose one of {EXITS}.")
+    if self.mhc_impl not in ("xla", "pallas"):
+      _fail("mhc_impl", self.mhc_impl, "choose 'xla' or 'pallas'.")
+    if self.remat_policy not in REMAT_POLICIES:
+      _fail("remat_policy", self.remat_policy, f"choose one of {REMAT_POLICIES}.")
+    if self.dtype not in DTYPES:
+      _fail("dtype", self.dtype, f"choose one of {tuple(DTYPES)}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    return self.mlp_dim or 64 * -(-8 * self.d_model // (3 * 64))
+
+  @property
+  def activation_dtype(self):
+    return DTYPES[self.dtype]
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    """Builds from a (ConfigDict-like) mapping, naming unknown fields instead of a TypeError."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"model config has unknown fields {unknown}; known fields: {sorted(known)}.")
+    return cls(**dict(d))

@@ -1,0 +1,113 @@
+"""Decoder-only language model whose sublayers are wrapped by a residual, HC or mHC connection.
+
+tokens -> embed -> expand to n streams -> nn.scan over blocks (attention, MLP; each a connection
+layer) -> exit collapse -> final RMSNorm -> untied LM head. With `return_coeffs=True` the per-layer
+coefficients come out of the scan as outputs of shape `(2 * num_layers, B, S, ...)`.
+"""
+
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from mhc_jax.config import ModelConfig
+from mhc_jax.connections import Coefficients, ExitCollapse, make_connection
+from mhc_jax.layers import Attention, RMSNorm, SwiGLU, dense_init, rope_tables
+from mhc_jax.streams import expand_streams, post_res_mix, pre_mix
+
+STREAM_AXES = ("batch", "length", "streams", "embed")
+
+# Remat policies by config name. `mhc_block` is the paper's recompute (spec §8) with L_r = one
+# block (2 sublayers): the n-stream tensors inside a block are rebuilt from the block input in the
+# backward pass, while the sublayers' own activations and outputs stay saved.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "mhc_block": jax.checkpoint_policies.save_anything_except_these_names("mhc_stream"),
+}
+
+
+def resolve_impl(cfg: ModelConfig) -> str:
+  """`cfg.mhc_impl`, falling back to XLA (with a warning) where the kernels do not apply."""
+  if cfg.mhc_impl != "pallas" or cfg.connection != "mhc":
+    return "xla"
+  import kernels_pallas  # pylint: disable=g-import-not-at-top
+  try:
+    kernels_pallas.check_supported(cfg.n_streams, cfg.d_model)
+  except ValueError as e:
+    logging.warning("model.mhc_impl='pallas' unavailable (%s); using the XLA path.", e)
+    return "xla"
+  return "pallas"
+
+
+class Block(nn.Module):
+  """One Transformer block: two connection layers (attention, then SwiGLU)."""
+  cfg: ModelConfig
+  impl: str = "xla"
+  return_coeffs: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxSxNxC, block_index, sin_SxH, cos_SxH):
+    cfg, dt = self.cfg, self.cfg.activation_dtype
+    sublayers = (("attn", lambda u: Attention(cfg, name="attn")(u, sin_SxH, cos_SxH)),
+                 ("mlp", lambda u: SwiGLU(cfg, name="mlp")(u)))
+    all_coeffs = []
+    for k, (name, sublayer) in enumerate(sublayers):
+      x_BxSxNxC = nn.with_logical_constraint(x_BxSxNxC, STREAM_AXES)
+      coeffs = make_connection(cfg, f"{name}_conn", self.impl)(x_BxSxNxC, 2 * block_index + k)
+      u_BxSxC = checkpoint_name(
+          pre_mix(x_BxSxNxC, coeffs.h_pre, impl=self.impl), "mhc_stream")
+      y_BxSxC = sublayer(RMSNorm(cfg.norm_eps, dt, name=f"{name}_norm")(u_BxSxC))
+      y_BxSxC = checkpoint_name(y_BxSxC, "sublayer_out")
+      x_BxSxNxC = checkpoint_name(
+          post_res_mix(x_BxSxNxC, y_BxSxC, coeffs.h_post, coeffs.h_res, impl=self.impl),
+          "mhc_stream")
+      all_coeffs.append(coeffs)
+    stacked = jax.tree.map(lambda *c: jnp.stack(c), *all_coeffs) if self.return_coeffs else None
+    return x_BxSxNxC, stacked
+
+
+class DecoderLM(nn.Module):
+  """Decoder-only LM; `__call__(tokens (B, S)) -> logits (B, S, V)` in float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxS: jax.Array, *, return_coeffs: bool = False):
+    cfg, dt = self.cfg, self.cfg.activation_dtype
+    x_BxSxC = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=dt, name="embed",
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                    ("vocab", "embed")))(tokens_BxS)
+    x_BxSxNxC = expand_streams(x_BxSxC, cfg.n_streams)
+    sin_SxH, cos_SxH = rope_tables(tokens_BxS.shape[1], cfg.head_dim, cfg.rope_theta)
+
+    block_cls = Block
+    if cfg.remat_policy != "none":
+      block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
+                           prevent_cse=not cfg.scan_layers)
+    impl = resolve_impl(cfg)
+    if cfg.scan_layers:
+      stack = nn.scan(
+          block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, impl, return_coeffs, name="blocks")
+      x_BxSxNxC, coeffs = stack(x_BxSxNxC, jnp.arange(cfg.num_layers), sin_SxH, cos_SxH)
+    else:
+      per_block = []
+      for i in range(cfg.num_layers):
+        x_BxSxNxC, c = block_cls(cfg, impl, return_coeffs, name=f"blocks_{i}")(
+            x_BxSxNxC, i, sin_SxH, cos_SxH)
+        per_block.append(c)
+      coeffs = jax.tree.map(lambda *c: jnp.stack(c), *per_block) if return_coeffs else None
+
+    y_BxSxC = RMSNorm(cfg.norm_eps, dt, name="final_norm")(ExitCollapse(cfg, name="exit")(x_BxSxNxC))
+    logits_BxSxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, name="lm_head",
+                            kernel_init=dense_init(cfg.d_model, ("embed", "vocab")))(y_BxSxC)
+    logits_BxSxV = logits_BxSxV.astype(jnp.float32)
+    if not return_coeffs:
+      return logits_BxSxV
+    # (num_layers, 2, ...) -> (2 * num_layers, ...): one entry per connection layer, in order.
+    return logits_BxSxV, Coefficients(*(c.reshape(-1, *c.shape[2:]) for c in coeffs))
