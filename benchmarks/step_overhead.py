@@ -26,18 +26,22 @@ _SEQ = flags.DEFINE_integer("seq_len", 256, "Sequence length.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Batch size.")
 _N = flags.DEFINE_integer("n_streams", 4, "Streams of the HC and mHC variants.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per variant.")
-_VARIANTS = flags.DEFINE_list("variants", ["residual", "hc", "mhc"], "Connections to compare.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["residual", "hc", "mhc", "mhc:mhc_block"],
+    "Connections to compare, each optionally `:remat_policy` (else --remat_policy); the first "
+    "is the baseline of the ratios.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Activation dtype.")
-_REMAT = flags.DEFINE_string("remat_policy", "none", "Remat policy of every variant.")
+_REMAT = flags.DEFINE_string("remat_policy", "none", "Remat policy of variants that name none.")
 _JSON = flags.DEFINE_string("json", None, "Write {d_model: {variant: {...}}} here.")
 
 
-def compile_step(connection: str, d_model: int):
-  """Returns `(compiled_step, state, batch)` for one variant."""
+def compile_step(variant: str, d_model: int):
+  """Returns `(compiled_step, state, batch)` for one `connection[:remat_policy]` variant."""
+  connection, _, remat = variant.partition(":")
   cfg = ModelConfig(
       d_model=d_model, num_layers=_LAYERS.value, num_heads=max(d_model // 64, 1),
       connection=connection, n_streams=1 if connection == "residual" else _N.value,
-      dtype=_DTYPE.value, remat_policy=_REMAT.value)
+      dtype=_DTYPE.value, remat_policy=remat or _REMAT.value)
   tokens = jax.random.randint(jax.random.key(1), (_BATCH.value, _SEQ.value + 1), 0, 256)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   state, _ = create_state(DecoderLM(cfg), optax.adamw(1e-4), jax.random.key(0), batch["inputs"])
@@ -73,7 +77,7 @@ def main(argv):
   for d in map(int, _D_MODEL.value):
     results[d] = measure(d)
     for v, r in results[d].items():
-      print(f"d_model={d:5d} {v:9s} median={r['median_s'] * 1e3:8.1f} ms "
+      print(f"d_model={d:5d} {v:14s} median={r['median_s'] * 1e3:8.1f} ms "
             f"ratio={r['ratio_vs_residual']:.3f} temp={r['temp_bytes'] / 2**20:8.1f} MiB "
             f"temp_ratio={r['temp_ratio_vs_residual']:.2f}", flush=True)
   if _JSON.value:

@@ -18,15 +18,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the run config; `arg` is a comma-separated list of variants (see docstring)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Params init and data shuffle.
-  c.total_steps = 1200  # Optimizer steps.
+  c.total_steps = 300  # Optimizer steps.
   c.batch_size = 16  # Global batch (sequences), split over processes and devices.
   c.seq_len = 256  # Tokens per sequence.
-  c.eval_every = 200  # Validation loss every this many steps (and at the end).
+  c.eval_every = 100  # Validation loss every this many steps (and at the end).
   c.eval_batches = 8  # Validation batches per evaluation.
-  c.checkpoint_every = 200  # Checkpoint period (and at the end, and on SIGTERM).
+  c.checkpoint_every = 100  # Checkpoint period (and at the end, and on SIGTERM).
   c.keep_checkpoints = 3  # Newest checkpoints kept.
-  c.diag_every = 100  # Amax-gain diagnostics on a fixed validation batch.
-  c.log_every = 20  # metrics.jsonl / TensorBoard / progress period.
+  c.diag_every = 50  # Amax-gain diagnostics on a fixed validation batch.
+  c.log_every = 10  # metrics.jsonl / TensorBoard / progress period.
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 256  # Bytes.
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 3e-3  # Peak learning rate.
-  c.optimizer.warmup_steps = 100  # Linear warmup.
+  c.optimizer.warmup_steps = 30  # Linear warmup.
   c.optimizer.schedule = "cosine"  # cosine | step (paper: x0.316 at 80%, x0.1 at 90%).
   c.optimizer.min_lr_ratio = 0.1  # Cosine floor as a fraction of lr.
   c.optimizer.b1 = 0.9  # AdamW beta1.

@@ -8,6 +8,7 @@ with the tokenizer of the run's corpus, and prints the prompt followed by the sa
 run's `seq_len` from `<workdir>/config.json`, else the whole text).
 """
 
+import sys
 from collections.abc import Sequence
 
 from absl import app
@@ -47,9 +48,13 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; pass everything as flags.")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: the directory of a training run.")
-  text = sample(_WORKDIR.value, _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-                temperature=_TEMPERATURE.value, top_k=_TOP_K.value, context=_CONTEXT.value,
-                seed=_SEED.value)
+  try:
+    text = sample(_WORKDIR.value, _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+                  temperature=_TEMPERATURE.value, top_k=_TOP_K.value, context=_CONTEXT.value,
+                  seed=_SEED.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(_PROMPT.value + text)
 
 

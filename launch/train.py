@@ -5,6 +5,7 @@ Re-running the same command resumes from the latest checkpoint in DIR. `--multih
 the coordinator flags elsewhere).
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -26,12 +27,12 @@ class _QuietLibraries:
   """Drops INFO records of installed libraries (Orbax logs every save step by step)."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "site-packages" not in record.pathname
+    return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
 
 
 def main(argv):
   del argv
-  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  logging.get_absl_logger().addFilter(_QuietLibraries())
   if _MULTIHOST.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config_path = flags.FLAGS["config"].config_filename

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from mhc_jax import data
 from mhc_jax.config import ModelConfig
 
 
@@ -57,8 +58,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_it
   return restored.state
 
 
-def load_for_inference(workdir: str) -> tuple[ModelConfig, Any, str | None]:
-  """`(model_config, params, data_dir)` of the latest checkpoint in `workdir`."""
+def load_for_inference(workdir: str) -> tuple[ModelConfig, Any, str]:
+  """`(model_config, params, data_dir)` of the latest checkpoint in `workdir`.
+
+  `data_dir` is the run's corpus, resolved: the stdlib corpus in the run's cache when it trained
+  on the default (`data.dir == ""`), so callers can always `corpus.read_meta` it.
+  """
   from mhc_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
   mngr = make_manager(workdir)
   step = mngr.latest_step()
@@ -69,4 +74,6 @@ def load_for_inference(workdir: str) -> tuple[ModelConfig, Any, str | None]:
   abstract = jax.eval_shape(lambda: train.build_state(config, mesh=None)[0])
   params = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract))).state.params
-  return ModelConfig.from_dict(config.model), params, config.data.dir or None
+  data_dir = data.resolve_data_dir(config.data.get("dir") or None,
+                                  config.data.get("cache_dir") or None)
+  return ModelConfig.from_dict(config.model), params, str(data_dir)

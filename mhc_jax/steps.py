@@ -48,7 +48,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     return cross_entropy(logits, batch["targets"])
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  metrics = {"train_loss": loss, "grad_norm": optax.global_norm(grads)}
+  metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
   return state.apply_gradients(grads=grads), metrics
 
 

@@ -142,9 +142,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         finish(*pending)  # the previous step's metrics: one step late, the device never waits
         pending = None
       final = step == config.total_steps
+      stopping = stop.requested  # Read once: a SIGTERM landing later in this step waits a step.
       do_eval = step % config.eval_every == 0 or final
       do_diag = step % config.diag_every == 0 or final
-      do_ckpt = step % config.checkpoint_every == 0 or final or stop.requested
+      do_ckpt = step % config.checkpoint_every == 0 or final or stopping
       record = None
       if step % config.log_every == 0 or do_eval or do_diag:
         now = time.perf_counter()
@@ -159,13 +160,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           record["per_layer"] = {f"diag/{k}": v.tolist() for k, v in diag.items()}
           record["scalars"]["diag/composite_fwd_max"] = float(np.max(diag["composite_fwd_avg"]))
           record["scalars"]["diag/composite_bwd_max"] = float(np.max(diag["composite_bwd_avg"]))
+        last["time"] = time.perf_counter()  # tokens/s counts training time only
       if do_eval or do_diag or do_ckpt:
         finish(step, metrics, record)
       else:
         pending = (step, metrics, record)
       if do_ckpt:
         checkpoint.save(mngr, step, state, train_iter, config)
-      if stop.requested:
+      if stopping:
         break
     if pending is not None:
       finish(*pending)
