@@ -247,7 +247,7 @@ def test_iterator_state_restores_mid_epoch(tmp_path):
 
 
 def test_iterator_orbax_checkpoint(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   _arange_corpus(tmp_path / "c", 50 * 8 + 1, 100)
   kwargs = dict(seq_len=8, global_batch_size=4, seed=3)
   train_iter = data.make_train_iterator(tmp_path / "c", **kwargs)

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 
-from launch import report as report_launch
 from mhc_jax import metrics
 from mhc_jax import report
 
@@ -168,13 +167,3 @@ def test_report_without_diagnostics_or_eval(tmp_path):
 def test_report_missing_metrics(tmp_path):
   with pytest.raises(ValueError, match=f"{tmp_path}/metrics.jsonl does not exist"):
     report.write_report(tmp_path)
-
-
-def test_launch_report(tmp_path, capsys):
-  _write_run(tmp_path, steps=range(3))
-  with pytest.raises(SystemExit) as e:
-    report_launch.app.run(report_launch.main,
-                          argv=["report", f"--workdir={tmp_path}", f"--out={tmp_path}/x.png"])
-  assert e.value.code in (None, 0)
-  assert capsys.readouterr().out.strip() == f"{tmp_path}/x.png"
-  _assert_png(tmp_path / "x.png")

@@ -90,8 +90,7 @@ def test_invalid_args(model_and_params, prompt, kwargs, match):
 
 
 def test_launch_sample(tmp_path, monkeypatch, model_and_params):
-  checkpoint = pytest.importorskip(
-      "mhc_jax.checkpoint", reason="mhc_jax/checkpoint.py (load_for_inference) not written yet")
+  from mhc_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from launch import sample  # pylint: disable=g-import-not-at-top
   model, _, params = model_and_params
   data_dir = tmp_path / "data"
