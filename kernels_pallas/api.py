@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import bwd, common, fwd, reference
+from mhc_jax.coefficients import expand_alpha
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 BWD_IMPLS = ("pallas", "xla")
@@ -68,7 +69,7 @@ def _coefficients(x, phi, alpha, bias, num_iters, eps, post_scale, block_sizes, 
 def _padded_params(phi, alpha, bias, n, kp):
   k = n * n + 2 * n
   phi_t_KxNC = jnp.pad(phi.astype(jnp.float32).T, ((0, kp - k), (0, 0)))
-  alpha_Kx1 = jnp.pad(common.expand_alpha(alpha, n), (0, kp - k))[:, None]
+  alpha_Kx1 = jnp.pad(expand_alpha(alpha, n), (0, kp - k))[:, None]
   bias_Kx1 = jnp.pad(bias.astype(jnp.float32), (0, kp - k))[:, None]
   return phi_t_KxNC, alpha_Kx1, bias_Kx1
 
@@ -110,7 +111,7 @@ def _coefficients_bwd(num_iters, eps, post_scale, block_sizes, bwd_impl, res, ct
       backend_name=name)
   # h = a * proj * rms + b, rms = rsqrt(sum(v**2) / nC + eps): the rest is XLA dots and sums.
   dh_TxK, proj_TxK, rms_Tx1 = dh_KxT[:k].T, proj_KxT[:k].T, rms_1xT[0][:, None]
-  a_K = common.expand_alpha(alpha, n)
+  a_K = expand_alpha(alpha, n)
   d_alpha_K = jnp.sum(dh_TxK * proj_TxK * rms_Tx1, axis=0)
   d_alpha = jnp.stack([jnp.sum(d_alpha_K[:n]), jnp.sum(d_alpha_K[n:2 * n]),
                        jnp.sum(d_alpha_K[2 * n:])])

@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+
 LANES = 128  # C and every lane-axis block must be a multiple of this.
 SUMSQ_ROWS = 16  # rows of the ones-matrix that turns sum(v**2) into a lane-dense matmul.
 BACKENDS = ("interpret", "tpu", "gpu")
@@ -136,12 +137,6 @@ def dot_nt(a, b):
   return jax.lax.dot_general(
       a, b, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
       preferred_element_type=jnp.float32)
-
-
-def expand_alpha(alpha_3: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
-  """`(alpha_pre, alpha_post, alpha_res)` -> the `n*n + 2n` logit layout."""
-  return jnp.repeat(alpha_3.astype(dtype), jnp.array([n, n, n * n]),
-                    total_repeat_length=n * n + 2 * n)
 
 
 # ----- Sinkhorn on the n rows of the logit matrix (spec §4) -----

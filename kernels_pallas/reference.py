@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import common
+from mhc_jax.coefficients import expand_alpha
 
 
 def coefficients_reference(x, phi, alpha, bias, *, num_iters, eps, post_scale, dtype=jnp.float32):
@@ -16,7 +17,7 @@ def coefficients_reference(x, phi, alpha, bias, *, num_iters, eps, post_scale, d
   v = x.reshape(*x.shape[:-2], n * c).astype(dtype)
   proj = jnp.dot(v, phi.astype(dtype), precision=jax.lax.Precision.HIGHEST)
   rms = jax.lax.rsqrt(jnp.mean(jnp.square(v), axis=-1, keepdims=True) + eps)
-  h = common.expand_alpha(alpha, n, dtype) * proj * rms + bias.astype(dtype)
+  h = expand_alpha(alpha, n, dtype) * proj * rms + bias.astype(dtype)
   rows = lambda k: jnp.moveaxis(h[..., k:k + n], -1, 0)  # (n, ...) as the kernels hold them
   pre, post, res = common.coefficients_from_rows(
       rows(0), rows(n), [rows(2 * n + i * n) for i in range(n)], num_iters=num_iters, eps=eps,

@@ -18,12 +18,10 @@ def num_logits(n: int) -> int:
   return n * n + 2 * n
 
 
-def expand_alpha(alpha_3: jax.Array, n: int) -> jax.Array:
+def expand_alpha(alpha_3: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
   """Broadcasts `(alpha_pre, alpha_post, alpha_res)` to the `n*n + 2n` logit layout."""
-  alpha_3 = alpha_3.astype(jnp.float32)
-  return jnp.concatenate([
-      jnp.full((n,), alpha_3[0]), jnp.full((n,), alpha_3[1]), jnp.full((n * n,), alpha_3[2])
-  ])
+  return jnp.repeat(alpha_3.astype(dtype), jnp.array([n, n, n * n]),
+                    total_repeat_length=num_logits(n))
 
 
 def coefficients_from_logits(
@@ -48,9 +46,10 @@ def rms_scale(x: jax.Array, eps: float = DEFAULT_EPS, axis=-1) -> jax.Array:
 def project(x_xNxC: jax.Array, phi_NCxK: jax.Array) -> jax.Array:
   """`vec(x) @ phi` for a thin `phi` (K = n*n + 2n columns), float32, `(..., K)`.
 
-  Takes the streams unflattened so the VJP's residual is `x` itself, shared with the stream
-  mixing VJPs (one stacked copy per layer under `nn.scan`). `dphi` is computed as
-  `(dproj^T v)^T`, the layout XLA's CPU dot handles 6x faster than autodiff's `v^T dproj`.
+  Takes the streams unflattened and keeps `x` itself as the VJP residual, so under `nn.scan` it
+  shares one stacked copy per layer with the stream-mixing VJPs. Plain autodiff of a dot on the
+  flattened `v` stacked a second copy: 1227 vs 1099 MiB compiled temp memory for the mHC train
+  step at d_model 512 (4 blocks, seq 256, batch 8).
   """
   v = x_xNxC.reshape(*x_xNxC.shape[:-2], -1).astype(jnp.float32)
   return jnp.dot(v, phi_NCxK, precision=jax.lax.Precision.HIGHEST)
