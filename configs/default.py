@@ -5,6 +5,7 @@
 About 10 minutes on a 2-core CPU. Variants through the config argument (comma separated):
   --config=configs/default.py:residual        plain pre-norm residual baseline (n = 1)
   --config=configs/default.py:hc              Hyper-Connections (Zhu et al.), n = 4
+  --config=configs/default.py:mhc_lite        mHC-lite: H_res mixes the n! permutations (n <= 4)
   --config=configs/default.py:mhc,n=2         mHC with 2 streams
   --config=configs/default.py:d=512           wider model (d_model 512, 8 heads)
   --config=configs/default.py:smoke           tiny and fast, for tests
@@ -36,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_kv_heads = 0  # 0 = num_heads (no grouping).
   c.model.mlp_dim = 0  # 0 = 8/3 d_model rounded to 64.
   c.model.dtype = "float32"  # Activation dtype (bfloat16 on accelerators).
-  c.model.connection = "mhc"  # residual | hc | mhc.
+  c.model.connection = "mhc"  # residual | hc | mhc | mhc_lite.
   c.model.n_streams = 4  # Expansion rate n.
   c.model.sinkhorn_iters = 20  # Sinkhorn–Knopp iterations.
   c.model.mhc_exit = "gated"  # gated | sum | mean.
@@ -71,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
-  if variant in ("residual", "hc", "mhc"):
+  if variant in ("residual", "hc", "mhc", "mhc_lite"):
     c.model.connection = variant
     c.model.n_streams = 1 if variant == "residual" else max(c.model.n_streams, 2)
   elif variant.startswith("n="):
@@ -87,5 +88,5 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     c.optimizer.warmup_steps = 2
   else:
     raise ValueError(
-        f"config argument {variant!r} is unknown: use residual, hc, mhc, n=<int>, d=<int> or "
+        f"config argument {variant!r} is unknown: use residual, hc, mhc, mhc_lite, n=<int>, d=<int> or "
         "smoke, comma separated (e.g. configs/default.py:hc,n=2).")

@@ -5,7 +5,6 @@ Re-running the same command resumes from the latest checkpoint in DIR. `--multih
 the coordinator flags elsewhere).
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -13,6 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch.cli import QuietLibraries, make_parser
 from mhc_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.")
@@ -23,16 +23,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-class _QuietLibraries:
-  """Drops INFO records of installed libraries (Orbax logs every save step by step)."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
-
-
 def main(argv):
   del argv
-  logging.get_absl_logger().addFilter(_QuietLibraries())
+  logging.get_absl_logger().addFilter(QuietLibraries())
   if _MULTIHOST.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config_path = flags.FLAGS["config"].config_filename
@@ -51,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=make_parser("configs/default.py"))

@@ -5,7 +5,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-CONNECTIONS = ("residual", "hc", "mhc")
+from mhc_jax.permutations import MAX_STREAMS as MAX_LITE_STREAMS
+
+CONNECTIONS = ("residual", "hc", "mhc", "mhc_lite")
 EXITS = ("gated", "sum", "mean")
 REMAT_POLICIES = ("none", "full", "dots", "mhc_block")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,7 +29,7 @@ class ModelConfig:
   rope_theta: float = 10_000.0  # RoPE base frequency.
   norm_eps: float = 1e-6  # Epsilon of the sublayer RMSNorms.
   dtype: str = "float32"  # Activation dtype; params are always float32.
-  connection: str = "mhc"  # residual | hc | mhc.
+  connection: str = "mhc"  # residual | hc | mhc | mhc_lite.
   n_streams: int = 4  # Expansion rate n; must be 1 for residual.
   sinkhorn_iters: int = 20  # Sinkhorn–Knopp iterations for H_res.
   mhc_eps: float = 1e-6  # eps of the coefficient RMS, of H_pre and of Sinkhorn (spec §3).
@@ -59,6 +61,10 @@ class ModelConfig:
       _fail("n_streams", self.n_streams, "must be >= 1 (the paper uses 4).")
     if self.connection == "residual" and self.n_streams != 1:
       _fail("n_streams", self.n_streams, "connection='residual' has one stream; set n_streams=1.")
+    if self.connection == "mhc_lite" and self.n_streams > MAX_LITE_STREAMS:
+      _fail("n_streams", self.n_streams,
+            f"mhc_lite mixes all n! permutation matrices; use n_streams <= {MAX_LITE_STREAMS} "
+            "or connection='mhc'.")
     if self.sinkhorn_iters < 1:
       _fail("sinkhorn_iters", self.sinkhorn_iters, "must be >= 1 (the paper uses 20).")
     if self.mhc_exit not in EXITS:

@@ -1,4 +1,4 @@
-"""Residual, Hyper-Connection (HC) and mHC connections behind one interface (spec §5–6).
+"""Residual, Hyper-Connection (HC), mHC and mHC-lite connections behind one interface (spec §5–6).
 
 A connection module maps the streams `x (B, S, n, C)` to float32 coefficients
 `(h_pre (B, S, n), h_post (B, S, n), h_res (B, S, n, n))`, in paper orientation; the block
@@ -6,6 +6,7 @@ applies them with `streams.pre_mix` and `streams.post_res_mix`. `ExitCollapse` m
 streams into one before the final norm.
 """
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 from mhc_jax.coefficients import (coefficients_from_logits, mhc_coefficients, num_logits,
                                    project, rms_scale)
 from mhc_jax.config import ModelConfig
+from mhc_jax.permutations import (lite_coefficients, lite_coefficients_from_logits,
+                                  num_lite_logits)
 
 
 _logical = nn.with_logical_partitioning  # init with logical axis names (see sharding.py)
@@ -51,7 +54,9 @@ class HyperConnection(nn.Module):
     static_pre = self.param("static_pre", _logical(one_hot, ("streams",)), (n,))
     static_post = self.param("static_post", _logical(nn.initializers.ones, ("streams",)), (n,))
     eye = lambda *_: jnp.eye(n)
-    static_res = self.param("static_res", _logical(eye, ("streams", "streams")), (n, n))
+    # A logical name may appear once per array: the output-stream axis goes unnamed (and the
+    # streams axis is never sharded anyway).
+    static_res = self.param("static_res", _logical(eye, ("streams", None)), (n, n))
     s_init = nn.initializers.constant(self.cfg.hc_scale)
     scale_3 = self.param("scale", _logical(s_init, (None,)), (3,))
     norm_C = self.param("norm", _logical(nn.initializers.ones, ("norm",)), (c,))
@@ -68,7 +73,11 @@ class HyperConnection(nn.Module):
 
 
 class MHCConnection(nn.Module):
-  """mHC (spec §3): coefficients from the flattened streams, `H_res` made doubly stochastic."""
+  """mHC (spec §3), or mHC-lite (spec §6) when `cfg.connection == "mhc_lite"`.
+
+  Both compute their logits from the flattened streams the same way; mHC makes `H_res` doubly
+  stochastic with Sinkhorn, mHC-lite mixes the `n!` permutation matrices.
+  """
   cfg: ModelConfig
   impl: str = "xla"
 
@@ -77,18 +86,27 @@ class MHCConnection(nn.Module):
     del sublayer_index
     cfg = self.cfg
     n, c = x_BxSxNxC.shape[-2:]
-    res_bias = cfg.mhc_res_identity_bias * jnp.eye(n).reshape(-1)
+    tau = cfg.mhc_res_identity_bias
+    if cfg.connection == "mhc_lite":
+      width = num_lite_logits(n)
+      res_bias = tau * jax.nn.one_hot(0, width - 2 * n)  # the identity is permutation 0
+      from_logits = functools.partial(lite_coefficients_from_logits, n=n, eps=cfg.mhc_eps)
+      from_streams = functools.partial(lite_coefficients, eps=cfg.mhc_eps)
+    else:
+      width = num_logits(n)
+      res_bias = tau * jnp.eye(n).reshape(-1)
+      kw = dict(num_iters=cfg.sinkhorn_iters, eps=cfg.mhc_eps)
+      from_logits = functools.partial(coefficients_from_logits, n=n, **kw)
+      from_streams = functools.partial(mhc_coefficients, impl=self.impl, **kw)
     bias_init = lambda *_: jnp.concatenate([jnp.zeros(2 * n), res_bias])
-    bias = self.param("bias", _logical(bias_init, (None,)), (num_logits(n),))
-    kw = dict(num_iters=cfg.sinkhorn_iters, eps=cfg.mhc_eps)
+    bias = self.param("bias", _logical(bias_init, (None,)), (width,))
     if not cfg.mhc_dynamic:
-      h = jnp.broadcast_to(bias, (*x_BxSxNxC.shape[:-2], num_logits(n)))
-      return Coefficients(*coefficients_from_logits(h, n, **kw))
+      return Coefficients(*from_logits(jnp.broadcast_to(bias, (*x_BxSxNxC.shape[:-2], width))))
     alpha_init = nn.initializers.constant(cfg.mhc_alpha_init)
     alpha = self.param("alpha", _logical(alpha_init, (None,)), (3,))
     phi = self.param("phi", _logical(
-        nn.initializers.normal((n * c) ** -0.5), (None, None)), (n * c, num_logits(n)))
-    return Coefficients(*mhc_coefficients(x_BxSxNxC, phi, alpha, bias, impl=self.impl, **kw))
+        nn.initializers.normal((n * c) ** -0.5), (None, None)), (n * c, width))
+    return Coefficients(*from_streams(x_BxSxNxC, phi, alpha, bias))
 
 
 class ExitCollapse(nn.Module):
@@ -99,7 +117,7 @@ class ExitCollapse(nn.Module):
   def __call__(self, x_BxSxNxC: jax.Array) -> jax.Array:
     cfg = self.cfg
     n, c = x_BxSxNxC.shape[-2:]
-    mode = {"residual": "sum", "hc": "sum", "mhc": cfg.mhc_exit}[cfg.connection]
+    mode = "sum" if cfg.connection in ("residual", "hc") else cfg.mhc_exit
     if mode == "sum":
       return jnp.sum(x_BxSxNxC, axis=-2)
     if mode == "mean":

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 import numpy as np
 
 from mhc_jax.metrics import read_metrics
@@ -63,12 +64,30 @@ def _series(records: list[dict], key: str, reduce=None) -> tuple[np.ndarray, np.
   return np.asarray(steps), np.asarray(values, np.float64)
 
 
+def plain_gain_axis(ax, log: bool = False) -> None:
+  """The y axis reads as plain numbers: no offset ("1e-6+9.99e-1") or power notation.
+
+  A linear axis spans at least 0.1, so gains that all sit at 1 +- 1e-6 show as 1.
+  """
+  if log:
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    # Minor ticks are labelled only when the axis spans less than about one decade.
+    ax.yaxis.set_minor_formatter(plain if hi < 20 * lo else NullFormatter())
+    return
+  lo, hi = ax.get_ylim()
+  mid = (lo + hi) / 2
+  ax.set_ylim(min(lo, mid - 0.05), max(hi, mid + 0.05))
+  ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+
+
 def _log_if_wide(ax, values: list[np.ndarray]) -> None:
-  """Log y scale when the positive values span more than a factor of 10."""
+  """Log y scale when the positive values span more than a factor of 10; plain labels either way."""
   flat = np.concatenate([np.ravel(v) for v in values])
   positive = flat[np.isfinite(flat) & (flat > 0)]
-  if positive.size and positive.max() > 10 * positive.min():
-    ax.set_yscale("log")
+  plain_gain_axis(ax, log=bool(positive.size and positive.max() > 10 * positive.min()))
 
 
 def _no_data(ax, text: str) -> None:

@@ -43,3 +43,24 @@ def numerical_vjp(f, args, cotangent, argnum, h=1e-6):
     fm = f(*[minus if i == argnum else a for i, a in enumerate(args)])
     grad[idx] = np.sum(cotangent * (fp - fm)) / (2 * h)
   return grad
+
+
+def lite_coefficients_np(x, phi, alpha, bias, eps=1e-6, post_scale=2.0):
+  """mHC-lite (spec §6) in float64: `H_res[i, perm_p[i]] += softmax(h_res)_p`, a loop per perm."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x, np.float64)
+  n, c = x.shape[-2:]
+  perms = list(itertools.permutations(range(n)))
+  v = x.reshape(*x.shape[:-2], n * c)
+  r = 1.0 / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps)
+  a = np.concatenate([np.full(n, alpha[0]), np.full(n, alpha[1]), np.full(len(perms), alpha[2])])
+  h = a * (v @ np.asarray(phi, np.float64)) * r + np.asarray(bias, np.float64)
+  sig = lambda z: 1.0 / (1.0 + np.exp(-z))
+  logits = h[..., 2 * n:]
+  w = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  w = w / w.sum(axis=-1, keepdims=True)
+  h_res = np.zeros((*h.shape[:-1], n, n))
+  for k, perm in enumerate(perms):
+    for i in range(n):
+      h_res[..., i, perm[i]] += w[..., k]
+  return sig(h[..., :n]) + eps, post_scale * sig(h[..., n:2 * n]), h_res

@@ -1,4 +1,5 @@
-"""Every `configs/*.py` loads with every variant and gives a valid run and model config."""
+"""Every `configs/*.py` loads with every variant and gives valid run and model configs: the
+training configs directly, the study config for each of its runs."""
 
 import importlib.util
 from pathlib import Path
@@ -6,10 +7,12 @@ import re
 
 import pytest
 
-from mhc_jax import train
+from mhc_jax import study, train
 from mhc_jax.config import ModelConfig
 
-CONFIG_FILES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+STUDY_CONFIG = CONFIGS_DIR / "study.py"
+CONFIG_FILES = sorted(p for p in CONFIGS_DIR.glob("*.py") if p != STUDY_CONFIG)  # training
 VARIANTS = ("", "residual", "hc", "mhc", "n=2", "d=512", "smoke", "hc,smoke", "mhc,n=2,smoke",
             "residual,smoke", "d=128,hc")
 
@@ -23,6 +26,31 @@ def _load(path: Path):
 
 def test_there_are_configs():
   assert CONFIG_FILES, "no configs/*.py found"
+  assert STUDY_CONFIG.is_file()
+
+
+@pytest.mark.parametrize("variant", ["", "full", "quick", "smoke", "quick,smoke"])
+def test_study_config_runs_are_valid_training_configs(variant, tmp_path):
+  cfg = _load(STUDY_CONFIG).get_config(variant)
+  runs = study.plan_runs(cfg, str(tmp_path))
+  assert len(runs) == cfg.seeds * len(study.VARIANTS)
+  widths = set()
+  for run in runs:
+    model = train.validate_config(run.config)
+    assert model.connection == run.variant
+    widths.add((model.d_model, model.num_layers, run.config.total_steps, run.config.batch_size,
+                run.config.optimizer.lr))
+  assert len(widths) == 1, f"variants differ in more than the connection: {widths}"
+
+
+def test_study_config_documents_its_command_and_fields():
+  module = _load(STUDY_CONFIG)
+  assert "launch.study" in module.__doc__
+  with pytest.raises(ValueError, match="'bogus'"):
+    module.get_config("bogus")
+  fields = [line for line in STUDY_CONFIG.read_text().splitlines()
+            if re.match(r"^  c\.\w+ = ", line)]
+  assert fields and all("#" in line for line in fields), fields
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)

@@ -32,7 +32,8 @@ def _loss(cfg, params, tokens):
 
 
 @pytest.mark.parametrize("connection,n", [("residual", 1), ("hc", 2), ("hc", 4), ("mhc", 1),
-                                          ("mhc", 2), ("mhc", 4), ("mhc", 8)])
+                                          ("mhc", 2), ("mhc", 4), ("mhc", 8), ("mhc_lite", 1),
+                                          ("mhc_lite", 3), ("mhc_lite", 4)])
 def test_shapes_and_coefficients(connection, n):
   cfg, tokens = _cfg(connection=connection, n_streams=n), _tokens()
   params = _init(cfg, tokens)
@@ -43,13 +44,14 @@ def test_shapes_and_coefficients(connection, n):
   assert coeffs.h_post.shape == (layers, 2, 12, n)
   assert coeffs.h_res.shape == (layers, 2, 12, n, n)
   assert bool(jnp.all(jnp.isfinite(logits)))
-  if connection == "mhc":  # spec §3 init: H_post = 2 sigmoid(~0) ~ 1, H_res ~ uniform 1/n
+  if connection.startswith("mhc"):  # spec §3 init: H_post = 2 sigmoid(~0) ~ 1, H_res ~ 1/n
     np.testing.assert_allclose(coeffs.h_post, 1.0, atol=0.05)
     np.testing.assert_allclose(coeffs.h_res, 1.0 / n, atol=0.05)
     np.testing.assert_allclose(jnp.sum(coeffs.h_res, -1), 1.0, atol=2e-6)
 
 
-@pytest.mark.parametrize("connection,n", [("residual", 1), ("hc", 4), ("mhc", 4)])
+@pytest.mark.parametrize("connection,n", [("residual", 1), ("hc", 4), ("mhc", 4),
+                                          ("mhc_lite", 4)])
 def test_causal(connection, n):
   cfg, tokens = _cfg(connection=connection, n_streams=n), _tokens()
   params = _init(cfg, tokens)
@@ -123,11 +125,12 @@ def test_remat_matches_no_remat(policy):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), ga, gb)
 
 
+@pytest.mark.parametrize("connection", ["mhc", "mhc_lite"])
 @pytest.mark.parametrize("kw", [dict(mhc_dynamic=False), dict(mhc_exit="sum"),
                                 dict(mhc_exit="mean"), dict(dtype="bfloat16"),
                                 dict(mhc_res_identity_bias=4.0)])
-def test_mhc_options_run(kw):
-  cfg, tokens = _cfg(connection="mhc", n_streams=4, **kw), _tokens()
+def test_mhc_options_run(kw, connection):
+  cfg, tokens = _cfg(connection=connection, n_streams=4, **kw), _tokens()
   params = _init(cfg, tokens)
   logits, coeffs = DecoderLM(cfg).apply({"params": params}, tokens, return_coeffs=True)
   assert bool(jnp.all(jnp.isfinite(logits))) and coeffs.h_res.dtype == jnp.float32

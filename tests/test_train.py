@@ -152,14 +152,6 @@ def _resumed_step(caplog):
   return steps[0]
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  """A stdlib corpus cache private to this test session (built once per worker)."""
-  path = tmp_path_factory.mktemp("mhc_jax_cache")
-  corpus.ensure_stdlib_corpus(path)
-  return path
-
-
 def _session_dir(tmp_path_factory):
   """This session's tmp dir, shared by its pytest-xdist workers (each has a subdirectory)."""
   root = tmp_path_factory.getbasetemp()
@@ -333,7 +325,11 @@ def test_sigterm_at_any_point_of_a_step_leaves_a_checkpoint(tmp_path, cache_dir,
 @pytest.mark.parametrize("overrides,message", [
     ({"data.dir": "/nonexistent"}, "'/nonexistent' does not exist"),
     ({"model.n_streams": 0}, "model.n_streams=0 is invalid"),
-], ids=["missing_data_dir", "n_streams_0"])
+    ({"model.d_modle": 64},
+     "--config.model.d_modle: config.model has no field 'd_modle'; did you mean "
+     "--config.model.d_model?"),
+    ({"optimiser.lr": 0.1}, "config has no field 'optimiser'; did you mean --config.optimizer?"),
+], ids=["missing_data_dir", "n_streams_0", "misspelt_field", "misspelt_section"])
 def test_cli_bad_input_is_one_clear_line(tmp_path, cache_dir, overrides, message):
   proc = _run(_cli(tmp_path / "run", cache_dir, overrides), cache_dir)
   assert proc.returncode == 1, proc.stderr[-3000:]

@@ -1,0 +1,171 @@
+"""The stability study: connection variants x seeds at equal width, depth, data, steps and LR.
+
+Each run is an ordinary training run in `<study_dir>/<variant>/seed<k>/`, so it resumes like one.
+`summarize` reads their `metrics.jsonl` into the numbers the paper reports (final loss, the largest
+composite Amax gain and where it occurred, gradient-norm spikes); `final_h_res` reloads a finished
+run for the `H_res` heatmaps of the paper's Fig. 8.
+"""
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mhc_jax import checkpoint, data
+from mhc_jax.metrics import read_metrics
+from mhc_jax.model import DecoderLM
+
+VARIANTS = ("residual", "hc", "mhc", "mhc_lite")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  variant: str  # A connection name.
+  seed: int
+  workdir: str
+  config: ml_collections.ConfigDict  # The full `launch.train` config of this run.
+
+
+def run_config(train_cfg: ml_collections.ConfigDict, variant: str, seed: int,
+               n_streams: int) -> ml_collections.ConfigDict:
+  """`train_cfg` with the connection, its stream count and the seed of one run."""
+  cfg = copy.deepcopy(train_cfg)
+  cfg.model.connection = variant
+  cfg.model.n_streams = 1 if variant == "residual" else n_streams
+  cfg.seed = seed
+  return cfg
+
+
+def plan_runs(study_cfg: ml_collections.ConfigDict, study_dir: str) -> list[Run]:
+  """Every (variant, seed) run of the study, seed-major so that seed 0 of each variant comes first."""
+  variants = [v.strip() for v in study_cfg.variants.split(",") if v.strip()]
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown or not variants:
+    raise ValueError(f"config.variants={study_cfg.variants!r} is invalid: use a comma-separated "
+                     f"subset of {','.join(VARIANTS)}.")
+  if study_cfg.seeds < 1:
+    raise ValueError(f"config.seeds={study_cfg.seeds!r} is invalid: must be >= 1.")
+  return [Run(v, s, os.path.join(study_dir, v, f"seed{s}"),
+              run_config(study_cfg.train, v, study_cfg.first_seed + s, study_cfg.n_streams))
+          for s in range(study_cfg.seeds) for v in variants]
+
+
+def _latest_step(workdir: str) -> int | None:
+  mngr = checkpoint.make_manager(workdir)
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
+
+
+def is_finished(run: Run) -> bool:
+  """True when the run's newest checkpoint is at its last step."""
+  return _latest_step(run.workdir) == run.config.total_steps
+
+
+def override_flags(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict,
+                   prefix: str = "config") -> list[str]:
+  """`--config.a.b=value` flags that turn `base` into `config` (for printed commands)."""
+  flags = []
+  for key, value in config.items():
+    name = f"{prefix}.{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      flags += override_flags(value, base[key], name)
+    elif value != base.get(key):
+      flags.append(f"--{name}={value}")
+  return flags
+
+
+def count_spikes(grad_norms: np.ndarray, factor: float, window: int) -> int:
+  """Logged steps whose grad norm exceeds `factor` x the median of the `window` logged before it.
+
+  The first `window` values (warm-up) are never counted.
+  """
+  g = np.asarray(grad_norms, np.float64)
+  return int(sum(g[i] > factor * np.median(g[i - window:i]) for i in range(window, g.size)))
+
+
+def _argmax_over_diag(records: list[dict], key: str) -> dict[str, Any]:
+  """`{value, step, layer}` of the largest per-layer `key` over all logged diagnostics."""
+  best = {"value": float("nan"), "step": None, "layer": None}
+  for r in records:
+    if key in r and (best["step"] is None or max(r[key]) > best["value"]):
+      layer = int(np.argmax(r[key]))
+      best = {"value": float(r[key][layer]), "step": r["step"], "layer": layer}
+  return best
+
+
+def summarize_run(records: list[dict], *, spike_factor: float, spike_window: int) -> dict:
+  """The study's numbers for one run's metrics records."""
+  evals = [r for r in records if "eval_loss" in r]
+  grads = np.array([r["grad_norm"] for r in records if "grad_norm" in r])
+  return {
+      "final_step": records[-1]["step"] if records else 0,
+      "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
+      "composite_fwd": _argmax_over_diag(records, "diag/composite_fwd_avg"),
+      "composite_bwd": _argmax_over_diag(records, "diag/composite_bwd_avg"),
+      "grad_norm_max": float(grads.max()) if grads.size else float("nan"),
+      "spikes": count_spikes(grads, spike_factor, spike_window),
+  }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for a single seed)."""
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def summarize(runs: list[Run], *, spike_factor: float, spike_window: int) -> dict[str, dict]:
+  """`{variant: {eval_loss_mean, eval_loss_std, gap_to_residual, max_composite_fwd, ...}}`."""
+  per_run = {}
+  for run in runs:
+    per_run[run.workdir] = summarize_run(read_metrics(run.workdir), spike_factor=spike_factor,
+                                 spike_window=spike_window)
+  out = {}
+  for variant in dict.fromkeys(r.variant for r in runs):
+    mine = [(r, per_run[r.workdir]) for r in runs if r.variant == variant]
+    mean, std = _mean_std([s["eval_loss"] for _, s in mine])
+    entry = {"seeds": [r.config.seed for r, _ in mine], "eval_loss_mean": mean,
+             "eval_loss_std": std, "eval_loss_per_seed": [s["eval_loss"] for _, s in mine],
+             "final_step": min(s["final_step"] for _, s in mine),
+             "grad_norm_spikes": [s["spikes"] for _, s in mine],
+             "grad_norm_max": max(s["grad_norm_max"] for _, s in mine)}
+    for direction in ("fwd", "bwd"):
+      worst_run, worst = max(mine, key=lambda rs: np.nan_to_num(
+          rs[1][f"composite_{direction}"]["value"], nan=-1.0))
+      entry[f"max_composite_{direction}"] = worst[f"composite_{direction}"]["value"]
+      entry[f"max_composite_{direction}_at"] = {
+          "seed": worst_run.config.seed, "step": worst[f"composite_{direction}"]["step"],
+          "layer": worst[f"composite_{direction}"]["layer"]}
+    out[variant] = entry
+  if "residual" in out:
+    for entry in out.values():
+      entry["gap_to_residual"] = entry["eval_loss_mean"] - out["residual"]["eval_loss_mean"]
+  return out
+
+
+def final_h_res(workdir: str) -> np.ndarray:
+  """Token-averaged `H_res` of every connection layer, `(2 * num_layers, n, n)`, of the newest
+  checkpoint in `workdir`, on the first validation batch (the diagnostics batch of training)."""
+  cache = os.path.join(workdir, "h_res_final.npz")
+  step = _latest_step(workdir)
+  if os.path.exists(cache):
+    saved = np.load(cache)
+    if int(saved["step"]) == step:
+      return saved["h_res"]
+  model_cfg, params, data_dir = checkpoint.load_for_inference(workdir)
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    train_cfg = ml_collections.ConfigDict(json.load(f))
+  tokens = data.diagnostic_batch(data_dir, seq_len=train_cfg.seq_len,
+                                 global_batch_size=train_cfg.batch_size)["inputs"]
+  _, coeffs = jax.jit(lambda p, t: DecoderLM(model_cfg).apply(
+      {"params": p}, t, return_coeffs=True))(params, jnp.asarray(tokens))
+  h_res = np.asarray(jnp.mean(coeffs.h_res, axis=(1, 2)))
+  np.savez(cache, h_res=h_res, step=step)
+  return h_res
