@@ -1,6 +1,6 @@
 """The stability study: residual vs HC vs mHC vs mHC-lite at equal width, depth, data, steps, LR.
 
-  python -m launch.study --workdir=runs/study                      # about 35 min on a 2-core CPU
+  python -m launch.study --workdir=runs/study                      # about 30 min on a 2-core CPU
   python -m launch.study --workdir=runs/study --print_commands     # one launch.train per run
 
 Writes `summary.json`, `README.md` (the table) and `study.png` (the paper's Fig. 3/7/8 panels, loss
@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.model.num_layers = 8
   c.train.optimizer.lr = 1e-2
   c.train.total_steps = 300
+  c.train.seq_len = 128
   c.train.eval_every = 50
   c.train.diag_every = 25
   c.train.log_every = 5

@@ -6,17 +6,14 @@ runs, resuming interrupted ones), then writes `DIR/summary.json`, `DIR/README.md
 cluster); run them, then this command again to summarise.
 """
 
-import json
-import os
 import shlex
 import sys
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch.cli import QuietLibraries, load_config, make_parser
-from mhc_jax import study, study_report, train
+from mhc_jax import study, study_report
 
 _DEFAULT = "configs/study.py"
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Study config file.")
@@ -42,24 +39,14 @@ def main(argv):
   if _PRINT.value:
     print("\n".join(_train_command(r) for r in runs))
     return
-  os.makedirs(study_dir, exist_ok=True)
-  with open(os.path.join(study_dir, "study_config.json"), "w", encoding="utf-8") as f:
-    json.dump(cfg.to_dict(), f, indent=2)
-  for k, run in enumerate(runs, 1):
-    if study.is_finished(run):
-      print(f"[{k}/{len(runs)}] {run.workdir}: finished, skipped")
-      continue
-    print(f"[{k}/{len(runs)}] {run.workdir}: training {run.variant}, seed {run.config.seed}")
-    start = time.perf_counter()
-    try:
-      train.train_and_evaluate(run.config, run.workdir)
-    except (ValueError, train.NonFiniteLossError) as e:
-      print(f"error: {run.workdir}: {e}", file=sys.stderr)
-      sys.exit(1)
-    if not study.is_finished(run):  # SIGTERM: the run saved a checkpoint and returned
-      print(f"{run.workdir} stopped early; rerun the same command to resume.", file=sys.stderr)
-      return
-    print(f"[{k}/{len(runs)}] {run.workdir}: {time.perf_counter() - start:.0f} s")
+  study.save_plan(cfg, study_dir)
+  try:
+    finished = study.run_study(runs)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if not finished:
+    return
   paths = study_report.write_study(runs, study_dir, spike_factor=cfg.spike_factor,
                                    spike_window=cfg.spike_window)
   print("\n".join(f"wrote {p}" for p in paths))

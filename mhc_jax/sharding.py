@@ -24,9 +24,13 @@ LOGICAL_RULES = (
 )
 
 
-def make_mesh(data: int = -1, model: int = 1) -> jax.sharding.Mesh:
-  """A `(data, model)` mesh over all devices; `-1` takes whatever the other axis leaves."""
-  num = jax.device_count()
+def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
+  """A `(data, model)` mesh over `devices` (default: all); `-1` takes what the other axis leaves.
+
+  `devices` may be compile-only devices of a TPU or GPU topology (see `mhc_jax.targets`).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  num = len(devices)
   if model < 1 or num % model:
     raise ValueError(f"mesh.model={model} must be >= 1 and divide the {num} devices.")
   if data == -1:
@@ -35,7 +39,8 @@ def make_mesh(data: int = -1, model: int = 1) -> jax.sharding.Mesh:
     raise ValueError(
         f"mesh.data={data} x mesh.model={model} = {data * model} does not match the {num} "
         "devices; set mesh.data=-1 to use all of them.")
-  return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+  return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=devices)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

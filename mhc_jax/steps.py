@@ -20,6 +20,32 @@ def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxSxV, targets_BxS))
 
 
+def _init_boxed(model, tx, example_tokens_BxS):
+  def init(rng):
+    params = model.init(rng, example_tokens_BxS)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  return init
+
+
+def state_sharding(model: nn.Module, tx: optax.GradientTransformation,
+                   example_tokens_BxS: jax.Array, mesh: jax.sharding.Mesh) -> Any:
+  """The train state's `NamedSharding`s on `mesh`, from the parameters' logical axis names."""
+  boxed = jax.eval_shape(_init_boxed(model, tx, example_tokens_BxS), jax.random.key(0))
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, sharding.LOGICAL_RULES)
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
+                   example_tokens_BxS: jax.Array, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """`(state of ShapeDtypeStructs carrying their shardings, state_sharding)`: what a
+  compile-only build lowers the train step with, without allocating anything."""
+  shardings = state_sharding(model, tx, example_tokens_BxS, mesh)
+  shapes = jax.eval_shape(lambda r: nn.meta.unbox(_init_boxed(model, tx, example_tokens_BxS)(r)),
+                          jax.random.key(0))
+  structs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         shapes, shardings)
+  return structs, shardings
+
+
 def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                  example_tokens_BxS: jax.Array, mesh: jax.sharding.Mesh | None = None
                  ) -> tuple[TrainState, Any]:
@@ -28,17 +54,13 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Ar
   Returns `(state, state_sharding)`; without a mesh the state is wherever JAX puts it and the
   sharding is None.
   """
-  def init_boxed(rng):
-    params = model.init(rng, example_tokens_BxS)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-
+  init_boxed = _init_boxed(model, tx, example_tokens_BxS)
   if mesh is None:
     return nn.meta.unbox(init_boxed(rng)), None
-  specs = nn.get_partition_spec(jax.eval_shape(init_boxed, rng))
-  state_sharding = nn.logical_to_mesh_sharding(specs, mesh, sharding.LOGICAL_RULES)
-  init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=state_sharding)
+  shardings = state_sharding(model, tx, example_tokens_BxS, mesh)
+  init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)
   with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    return init(rng), state_sharding
+    return init(rng), shardings
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:

@@ -10,15 +10,16 @@ import copy
 import dataclasses
 import json
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mhc_jax import checkpoint, data
-from mhc_jax.metrics import read_metrics
+from mhc_jax import checkpoint, data, train
+from mhc_jax.metrics import METRICS_FILE, read_metrics
 from mhc_jax.model import DecoderLM
 
 VARIANTS = ("residual", "hc", "mhc", "mhc_lite")
@@ -56,6 +57,27 @@ def plan_runs(study_cfg: ml_collections.ConfigDict, study_dir: str) -> list[Run]
           for s in range(study_cfg.seeds) for v in variants]
 
 
+PLAN_FILE = "study_config.json"
+
+
+def save_plan(study_cfg: ml_collections.ConfigDict, study_dir: str) -> None:
+  """Writes the study config into `study_dir`, so the study can be re-read (`load_plan`)."""
+  os.makedirs(study_dir, exist_ok=True)
+  with open(os.path.join(study_dir, PLAN_FILE), "w", encoding="utf-8") as f:
+    json.dump(study_cfg.to_dict(), f, indent=2)
+
+
+def load_plan(study_dir: str) -> tuple[ml_collections.ConfigDict, list[Run]]:
+  """`(study config, runs)` of a study written by `launch.study` (or `save_plan`)."""
+  path = os.path.join(study_dir, PLAN_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f"{path} does not exist: {study_dir} is not a study directory; run "
+                     f"python -m launch.study --workdir={study_dir} first.")
+  with open(path, encoding="utf-8") as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  return cfg, plan_runs(cfg, study_dir)
+
+
 def _latest_step(workdir: str) -> int | None:
   mngr = checkpoint.make_manager(workdir)
   try:
@@ -64,9 +86,37 @@ def _latest_step(workdir: str) -> int | None:
     mngr.close()
 
 
+DIVERGED_FILE = "diverged.txt"  # A run whose loss became NaN/Inf: the error, kept as its result.
+
+
 def is_finished(run: Run) -> bool:
-  """True when the run's newest checkpoint is at its last step."""
-  return _latest_step(run.workdir) == run.config.total_steps
+  """True when the run's newest checkpoint is at its last step, or the run diverged."""
+  return (os.path.exists(os.path.join(run.workdir, DIVERGED_FILE))
+          or _latest_step(run.workdir) == run.config.total_steps)
+
+
+def run_study(runs: list[Run], log: Callable[[str], None] = print) -> bool:
+  """Trains every unfinished run in order (resuming interrupted ones); False if one was stopped
+  early by SIGTERM (it saved a checkpoint; calling again resumes it). A run whose loss becomes
+  non-finite is recorded as diverged (`DIVERGED_FILE`) and the study goes on."""
+  for k, run in enumerate(runs, 1):
+    tag = f"[{k}/{len(runs)}] {run.workdir}"
+    if is_finished(run):
+      log(f"{tag}: finished, skipped")
+      continue
+    log(f"{tag}: training {run.variant}, seed {run.config.seed}")
+    start = time.perf_counter()
+    try:
+      train.train_and_evaluate(run.config, run.workdir)
+    except train.NonFiniteLossError as e:  # A result of the study, not a failure of it.
+      log(f"{tag}: diverged: {e}")
+      with open(os.path.join(run.workdir, DIVERGED_FILE), "w", encoding="utf-8") as f:
+        f.write(f"{e}\n")
+    if not is_finished(run):
+      log(f"{tag}: stopped early; run the study again to resume.")
+      return False
+    log(f"{tag}: {time.perf_counter() - start:.0f} s")
+  return True
 
 
 def override_flags(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict,
@@ -101,13 +151,15 @@ def _argmax_over_diag(records: list[dict], key: str) -> dict[str, Any]:
   return best
 
 
-def summarize_run(records: list[dict], *, spike_factor: float, spike_window: int) -> dict:
-  """The study's numbers for one run's metrics records."""
+def summarize_run(records: list[dict], *, spike_factor: float, spike_window: int,
+                  diverged: bool = False) -> dict:
+  """The study's numbers for one run's metrics records (a diverged run's eval loss is NaN)."""
   evals = [r for r in records if "eval_loss" in r]
   grads = np.array([r["grad_norm"] for r in records if "grad_norm" in r])
   return {
+      "diverged": diverged,
       "final_step": records[-1]["step"] if records else 0,
-      "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
+      "eval_loss": evals[-1]["eval_loss"] if evals and not diverged else float("nan"),
       "composite_fwd": _argmax_over_diag(records, "diag/composite_fwd_avg"),
       "composite_bwd": _argmax_over_diag(records, "diag/composite_bwd_avg"),
       "grad_norm_max": float(grads.max()) if grads.size else float("nan"),
@@ -125,8 +177,11 @@ def summarize(runs: list[Run], *, spike_factor: float, spike_window: int) -> dic
   """`{variant: {eval_loss_mean, eval_loss_std, gap_to_residual, max_composite_fwd, ...}}`."""
   per_run = {}
   for run in runs:
-    per_run[run.workdir] = summarize_run(read_metrics(run.workdir), spike_factor=spike_factor,
-                                 spike_window=spike_window)
+    diverged = os.path.exists(os.path.join(run.workdir, DIVERGED_FILE))
+    logged = os.path.exists(os.path.join(run.workdir, METRICS_FILE))
+    records = read_metrics(run.workdir) if logged or not diverged else []  # NaN at step 1
+    per_run[run.workdir] = summarize_run(records, spike_factor=spike_factor,
+                                         spike_window=spike_window, diverged=diverged)
   out = {}
   for variant in dict.fromkeys(r.variant for r in runs):
     mine = [(r, per_run[r.workdir]) for r in runs if r.variant == variant]
@@ -134,6 +189,7 @@ def summarize(runs: list[Run], *, spike_factor: float, spike_window: int) -> dic
     entry = {"seeds": [r.config.seed for r, _ in mine], "eval_loss_mean": mean,
              "eval_loss_std": std, "eval_loss_per_seed": [s["eval_loss"] for _, s in mine],
              "final_step": min(s["final_step"] for _, s in mine),
+             "diverged_seeds": [r.config.seed for r, s in mine if s["diverged"]],
              "grad_norm_spikes": [s["spikes"] for _, s in mine],
              "grad_norm_max": max(s["grad_norm_max"] for _, s in mine)}
     for direction in ("fwd", "bwd"):

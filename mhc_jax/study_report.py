@@ -129,10 +129,13 @@ def readme_table(summary, cfg_line, spike_factor, spike_window):
       "|---|---|---|---|---|---|"]
   for variant, e in summary.items():
     gap = e.get("gap_to_residual")
+    spikes = str(e["grad_norm_spikes"])
+    if e["diverged_seeds"]:
+      spikes += f"; diverged: seeds {e['diverged_seeds']}"
     lines.append(
         f"| {variant} | {e['eval_loss_mean']:.4f} ± {e['eval_loss_std']:.4f} | "
         f"{'—' if gap is None else f'{gap:+.4f}'} | {_fmt_gain(e, 'fwd')} | "
-        f"{_fmt_gain(e, 'bwd')} | {e['grad_norm_spikes']} |")
+        f"{_fmt_gain(e, 'bwd')} | {spikes} |")
   lines += [
       "", "Gains are those of the token-averaged `H_res` products on the fixed diagnostics batch, "
       "the largest over all logged steps and layers (residual's are 1 by construction). The std is the sample "

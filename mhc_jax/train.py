@@ -25,7 +25,7 @@ from mhc_jax.config import ModelConfig
 from mhc_jax.diagnostics import layer_diagnostics
 from mhc_jax.metrics import MetricsWriter, ProgressBar
 from mhc_jax.model import DecoderLM
-from mhc_jax.steps import create_state, eval_loss, train_step
+from mhc_jax.steps import abstract_state, create_state, eval_loss, train_step
 
 _POSITIVE_FIELDS = ("total_steps", "batch_size", "seq_len", "eval_every", "eval_batches",
                     "checkpoint_every", "diag_every", "log_every", "keep_checkpoints")
@@ -44,12 +44,27 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig.from_dict(config.model)
 
 
-def build_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
-  """`(state, state_sharding)` of a freshly initialised model and optimizer."""
+def _model_optimizer_example(config: ml_collections.ConfigDict):
   model = DecoderLM(ModelConfig.from_dict(config.model))
   tx = optim.make_optimizer(config.optimizer, config.total_steps)
-  example = jnp.zeros((1, config.seq_len), jnp.int32)
+  return model, tx, jnp.zeros((1, config.seq_len), jnp.int32)
+
+
+def build_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
+  """`(state, state_sharding)` of a freshly initialised model and optimizer."""
+  model, tx, example = _model_optimizer_example(config)
   return create_state(model, tx, jax.random.key(config.seed), example, mesh)
+
+
+def build_abstract_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """`(state of sharded ShapeDtypeStructs, state_sharding)`, for compile-only builds."""
+  return abstract_state(*_model_optimizer_example(config), mesh)
+
+
+def jit_train_step(state_shard, batch_shard):
+  """The jitted train step, sharded and donating its state (`launch.compile` builds this too)."""
+  return jax.jit(train_step, in_shardings=(state_shard, batch_shard),
+                 out_shardings=(state_shard, None), donate_argnums=0)
 
 
 def _diagnostics(state, tokens_BxS) -> dict[str, jax.Array]:
@@ -106,8 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump(config.to_dict(), f, indent=2)
 
   with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    p_train = jax.jit(train_step, in_shardings=(state_shard, batch_shard),
-                      out_shardings=(state_shard, None), donate_argnums=0)
+    p_train = jit_train_step(state_shard, batch_shard)
     p_eval = jax.jit(eval_loss, in_shardings=(state_shard, batch_shard))
     p_diag = jax.jit(_diagnostics, in_shardings=(state_shard, batch_shard))
   schedule = optim.make_schedule(config.optimizer, config.total_steps)

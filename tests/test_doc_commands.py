@@ -21,8 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
         *sorted((REPO / "configs").glob("*.py")), *sorted((REPO / "notebooks").glob("*.ipynb"))]
 COMMAND = re.compile(r"(?:\.venv/bin/)?python -m launch\.(\w+)((?:[^\n#`\\]|\\\n)*)")
-SMOKE_CONFIG = {"train": "configs/default.py", "study": "configs/study.py"}
-ORDER = ("prepare_data", "train", "study", "sample", "report")  # producers before consumers
+SMOKE_CONFIG = {"train": "configs/default.py", "study": "configs/study.py",
+                "compile": "configs/default.py"}
+ORDER = ("prepare_data", "train", "study", "sample", "report", "compile")  # producers first
+TPU_PYTHON = REPO / ".venv-tpu" / "bin" / "python"  # launch.compile runs there (make test)
 TIMEOUT_S = 300
 
 
@@ -72,6 +74,8 @@ def _check_outputs(module: str, args: list[str], cwd: Path, stdout: str) -> None
     assert (cwd / _flag(args, "output") / "meta.json").is_file()
   elif module == "report":
     assert Path(cwd / stdout.strip().splitlines()[-1]).is_file()
+  elif module == "compile":
+    assert "roofline step time" in stdout, stdout[-2000:]
   elif module == "sample":
     assert stdout.startswith(_flag(args, "prompt") or "def "), stdout[:200]
 
@@ -102,7 +106,10 @@ def test_every_documented_command_runs(tmp_path, cache_dir):
              PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)
   for module, args, source in doc_commands():
-    argv = [sys.executable, "-m", f"launch.{module}", *_smoke(module, args)]
+    python = TPU_PYTHON if module == "compile" else Path(sys.executable)
+    if not python.exists():
+      continue  # no .venv-tpu outside `make test`: tests/test_compile.py says so
+    argv = [str(python), "-m", f"launch.{module}", *_smoke(module, args)]
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S, check=False)
     shown = f"{source}: {shlex.join(argv[1:])}"

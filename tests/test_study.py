@@ -129,3 +129,19 @@ def test_study_end_to_end(tmp_path, cache_dir):
                         text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   assert _records_without_timing(alone) == before
+
+
+def test_a_diverged_run_is_a_result_not_a_failure(tmp_path, cache_dir):
+  cfg = load_config(SMOKE)
+  cfg.variants = "residual,hc"
+  cfg.train.data.cache_dir = str(cache_dir)
+  runs = study.plan_runs(cfg, str(tmp_path))
+  hc = runs[1]
+  hc.config.optimizer.lr, hc.config.optimizer.warmup_steps = 1e30, 0  # step 2 overflows
+  assert study.run_study(runs, log=lambda _: None)
+  assert "at step 2" in (Path(hc.workdir) / study.DIVERGED_FILE).read_text()
+  assert study.is_finished(hc)
+  summary = study.summarize(runs, spike_factor=2.0, spike_window=3)
+  assert summary["hc"]["diverged_seeds"] == [0] and np.isnan(summary["hc"]["eval_loss_mean"])
+  assert summary["residual"]["diverged_seeds"] == [] and np.isfinite(
+      summary["residual"]["eval_loss_mean"])
