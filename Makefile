@@ -8,8 +8,13 @@ STAMP := $(VENV)/.installed
 TPU_VENV := .venv-tpu
 TPU_PY := $(TPU_VENV)/bin/python
 TPU_STAMP := $(TPU_VENV)/.installed
+# Optional (about 4.5 GB): JAX's CUDA plugin, for compile-only H100 builds. `make test` runs the
+# H100 compile tests when it exists and skips them, saying so, when it does not.
+CUDA_VENV := .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+CUDA_STAMP := $(CUDA_VENV)/.installed
 
-.PHONY: train test venv tpu-venv compile clean
+.PHONY: train test venv tpu-venv cuda-venv compile clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,9 +28,17 @@ $(TPU_STAMP): pyproject.toml
 	$(TPU_PY) -m pip install -q -e '.[tpu]'
 	touch $(TPU_STAMP)
 
+$(CUDA_STAMP): pyproject.toml
+	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q --upgrade pip
+	$(CUDA_PY) -m pip install -q -e '.[cuda]'
+	touch $(CUDA_STAMP)
+
 venv: $(STAMP)
 
 tpu-venv: $(TPU_STAMP)
+
+cuda-venv: $(CUDA_STAMP)
 
 train: $(STAMP)
 	$(PY) -m launch.train --config=configs/default.py --workdir=runs/default
@@ -38,4 +51,4 @@ compile: $(TPU_STAMP)
 	$(TPU_PY) -m launch.compile --config=configs/default.py --target=v5p-8
 
 clean:
-	rm -rf $(VENV) $(TPU_VENV) runs
+	rm -rf $(VENV) $(TPU_VENV) $(CUDA_VENV) runs

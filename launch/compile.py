@@ -6,7 +6,8 @@ builds the exact step `launch.train` would run with this config (same overrides,
 fields), compiled by the target's own compiler (libtpu for TPUs), and prints per-device memory
 against the chip's HBM, FLOPs and HBM bytes per step, the collectives, and a roofline step time
 with the MFU it implies. Targets: `v5e-N` / `v6e-N` (N chips), `v5p-N` (N TensorCores, 2 per chip,
-as Cloud TPU names them). Needs libtpu: `pip install 'jax[tpu]'`.
+as Cloud TPU names them) need libtpu (`make tpu-venv`); `h100` needs JAX's CUDA plugin
+(`make cuda-venv`).
 """
 
 import dataclasses

@@ -3,7 +3,8 @@
 `v5e-N` and `v6e-N` name slices of N chips and `v5p-N` slices of N TensorCores (two per chip), as
 Cloud TPU's accelerator types do: `v5p-8` is 4 chips. `h100` is one NVIDIA H100 SXM. The devices
 come from `jax.experimental.topologies`: libtpu compiles for the TPU topology, and the CUDA plugin
-for an H100, on a host that has neither.
+(with `JAX_PLATFORMS=cpu`, and ptxas from the nvidia wheels) for an H100, on a host that has
+neither.
 """
 
 import dataclasses
@@ -39,7 +40,26 @@ CHIPS = {
 _TOPOLOGY_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 _TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
                 256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-TPU_INSTALL = "pip install 'jax[tpu]' (libtpu compiles for TPUs from any host)"
+TPU_INSTALL = "pip install 'jax[tpu]' (libtpu compiles for TPUs from any host), or make tpu-venv"
+CUDA_INSTALL = ("pip install 'jax[cuda13]' in an environment of its own (make cuda-venv), and run "
+                "with JAX_PLATFORMS=cpu")
+# What XLA:GPU needs to know of an H100 SXM to compile for one without it (a GpuTargetConfig text
+# proto): compute capability 9.0, 132 SMs, 227 KiB opt-in shared memory per block, 64 Ki registers,
+# 3.35 TB/s, 80 GB.
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 85520809984 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +96,11 @@ def parse_target(name: str) -> Target:
 def compile_only_devices(target: Target) -> list:
   """The target's devices, for `jax.jit(...).lower(...).compile()` without the hardware."""
   if target.chip_key == "h100":
-    raise ValueError("--target=h100: compile-only builds for GPUs are not wired up yet; use a "
-                     "TPU target (v5e-N, v5p-N, v6e-N).")
+    if importlib.util.find_spec("jax_cuda13_plugin") is None:
+      raise ValueError(f"--target=h100 needs JAX's CUDA plugin, which is not installed: "
+                       f"{CUDA_INSTALL}.")
+    return list(topologies.get_topology_desc(
+        platform="cuda", topology="1x1x1", target_config=H100_TARGET_CONFIG).devices)
   if importlib.util.find_spec("libtpu") is None:
     raise ValueError(f"--target={target.name} needs libtpu, which is not installed: "
                      f"{TPU_INSTALL}.")

@@ -1,7 +1,9 @@
-"""Compile-only builds of the train step for real TPU targets (libtpu, in `.venv-tpu`).
+"""Compile-only builds of the train step for real targets: TPUs through libtpu (`.venv-tpu`), an
+H100 through JAX's CUDA plugin (`.venv-cuda`).
 
-`make test` creates `.venv-tpu`; these tests run `launch.compile` there, in a subprocess, so the
-main environment never loads libtpu. Each names its target, config and shape in its id.
+`make test` creates `.venv-tpu`; `.venv-cuda` (4.5 GB) only `make cuda-venv` does, and the H100
+tests skip, saying so, without it. Both run `launch.compile` in a subprocess so that the main
+environment never loads libtpu or CUDA. Each test names its target, config and shape in its id.
 """
 
 import json
@@ -15,8 +17,11 @@ from mhc_jax import targets
 
 REPO = Path(__file__).resolve().parents[1]
 TPU_PYTHON = REPO / ".venv-tpu" / "bin" / "python"
+CUDA_PYTHON = REPO / ".venv-cuda" / "bin" / "python"
 needs_libtpu = pytest.mark.skipif(not TPU_PYTHON.exists(),
                                   reason="no .venv-tpu: `make tpu-venv` (make test creates it)")
+needs_cuda_plugin = pytest.mark.skipif(not CUDA_PYTHON.exists(),
+                                       reason="no .venv-cuda: `make cuda-venv` (4.5 GB) first")
 SMOKE = "configs/default.py:smoke"
 
 
@@ -44,10 +49,25 @@ def test_unknown_target_lists_the_known_ones():
     targets.parse_target("v5p-6")
 
 
-def test_missing_libtpu_names_the_install_command():
-  # The main environment has no libtpu on purpose.
-  proc = _compile(sys.executable, f"--config={SMOKE}", "--target=v5e-4")
-  assert "pip install 'jax[tpu]'" in _error_line(proc)
+@pytest.mark.parametrize("target,install", [("v5e-4", "pip install 'jax[tpu]'"),
+                                            ("h100", "pip install 'jax[cuda13]'")])
+def test_missing_compiler_names_the_install_command(target, install):
+  # The main environment has neither libtpu nor the CUDA plugin, on purpose.
+  proc = _compile(sys.executable, f"--config={SMOKE}", f"--target={target}")
+  assert install in _error_line(proc)
+
+
+@needs_cuda_plugin
+@pytest.mark.slow
+def test_train_step_compiles_for_h100(tmp_path):
+  """h100-mhc-smoke-float32: XLA:GPU and ptxas really run; the memory figures come back."""
+  out = tmp_path / "compile.json"
+  proc = _compile(CUDA_PYTHON, f"--config={SMOKE}", "--target=h100", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["chips"] == 1 and report["fits"] and report["per_device_bytes"]["total"] > 0
+  assert report["hbm_bytes_per_step"] is None  # XLA:GPU has no cost analysis
+  assert "compute only" in proc.stdout
 
 
 @needs_libtpu
@@ -104,3 +124,12 @@ print(json.dumps(xla))
 def test_mesh_that_does_not_match_the_chips_is_refused():
   proc = _compile(TPU_PYTHON, f"--config={SMOKE}", "--target=v5e-4", "--config.mesh.data=8")
   assert "does not match the 4 chips of --target=v5e-4" in _error_line(proc)
+
+
+def test_pallas_model_is_refused_with_the_reason():
+  from launch.cli import load_config  # pylint: disable=g-import-not-at-top
+  from mhc_jax import aot  # pylint: disable=g-import-not-at-top
+  config = load_config(SMOKE)
+  config.model.mhc_impl = "pallas"
+  with pytest.raises(ValueError, match=r"mhc_impl='pallas' cannot be compiled .* shard_map"):
+    aot.compile_report(config, targets.parse_target("v5p-8"))

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -167,3 +168,18 @@ def test_report_without_diagnostics_or_eval(tmp_path):
 def test_report_missing_metrics(tmp_path):
   with pytest.raises(ValueError, match=f"{tmp_path}/metrics.jsonl does not exist"):
     report.write_report(tmp_path)
+
+
+@pytest.mark.parametrize("values,log", [([1.0 - 1e-6, 1.0, 1.0 + 2e-6], False),
+                                        ([0.5, 40.0, 3000.0], True)])
+def test_gain_axes_read_as_plain_numbers(values, log):
+  """No offset notation ("1e-6+9.99e-1") on a gain axis near 1, no 10^k labels on a log one."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  ax = Figure().subplots()
+  ax.plot(range(len(values)), values)
+  report.plain_gain_axis(ax, log=log)
+  ax.figure.canvas.draw()
+  labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+  assert labels and ax.yaxis.get_offset_text().get_text() == ""
+  assert all(re.fullmatch(r"-?[0-9.]+(e[-+][0-9]+)?", s) for s in labels), labels
+  assert not any("$" in s or "\\times" in s for s in labels), labels
