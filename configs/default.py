@@ -88,5 +88,5 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     c.optimizer.warmup_steps = 2
   else:
     raise ValueError(
-        f"config argument {variant!r} is unknown: use residual, hc, mhc, mhc_lite, n=<int>, d=<int> or "
-        "smoke, comma separated (e.g. configs/default.py:hc,n=2).")
+        f"config argument {variant!r} is unknown: use residual, hc, mhc, mhc_lite, n=<int>, "
+        "d=<int> or smoke, comma separated (e.g. configs/default.py:hc,n=2).")

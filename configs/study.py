@@ -31,8 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The study config; `arg` is a comma-separated list of variants (see docstring)."""
   c = ml_collections.ConfigDict()
   c.variants = "residual,hc,mhc,mhc_lite"  # Connections compared (comma separated).
-  c.seeds = 2  # Runs per variant; seed k uses config seed first_seed + k.
-  c.first_seed = 0  # Seed of the first run of each variant.
+  c.seeds = 2  # Runs per variant, with seeds first_seed, first_seed + 1, ...
+  c.first_seed = 0  # Seed (params init and data order) of the first run of each variant.
   c.n_streams = 4  # Expansion rate of hc / mhc / mhc_lite (residual has 1).
   c.spike_factor = 2.0  # A grad-norm spike: a logged value > factor x median of the window before.
   c.spike_window = 10  # Logged grad norms in that window (log_every steps apart).

@@ -5,6 +5,7 @@ the manager keeps the newest `keep` steps; a save only becomes visible once comp
 mid-save leaves the previous checkpoint intact.
 """
 
+import logging
 import os
 from typing import Any
 
@@ -26,6 +27,9 @@ def make_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
          config: ml_collections.ConfigDict) -> None:
+  if step in mngr.all_steps():  # only a damaged checkpoint that the run fell back past
+    logging.warning("replacing the damaged checkpoint of step %d.", step)
+    mngr.delete(step)
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data_iter=grain.checkpoint.CheckpointSave(data_iter),
@@ -56,6 +60,37 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_it
       data_iter=grain.checkpoint.CheckpointRestore(data_iter),
   ))
   return restored.state
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Any,
+                   config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, int]:
+  """`(state, step)` of the newest checkpoint that restores, or `(abstract_state, 0)` if none.
+
+  A checkpoint that fails to restore (damaged files) is logged and skipped for the one before it;
+  nothing is deleted, and the damaged step stays on disk until the run saves that step again. A
+  checkpoint of another model stops the run (`check_compatible`).
+  """
+  failures = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      saved = saved_config(mngr, step)
+    except Exception as e:  # pylint: disable=broad-except  (any damage: try the previous one)
+      failures.append((step, e))
+      continue
+    check_compatible(saved, config, workdir)
+    try:
+      return restore(mngr, step, abstract_state, data_iter), step
+    except Exception as e:  # pylint: disable=broad-except
+      failures.append((step, e))
+      logging.warning("checkpoint step %d of %s failed to restore (%s: %s); trying the one "
+                      "before it. It stays on disk until step %d is saved again.", step, workdir,
+                      type(e).__name__, str(e)[:300], step)
+  if failures:
+    shown = "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures)
+    raise ValueError(
+        f"no checkpoint in {os.path.join(workdir, 'checkpoints')} restores ({shown}). Move that "
+        "directory away to train from scratch, or restore it from a copy.")
+  return abstract_state, 0
 
 
 def load_for_inference(workdir: str) -> tuple[ModelConfig, Any, str]:

@@ -1,4 +1,4 @@
-"""Residual, Hyper-Connection (HC), mHC and mHC-lite connections behind one interface (spec §5–6).
+"""Residual, Hyper-Connection (HC), mHC and mHC-lite connections, one interface (spec §5–6).
 
 A connection module maps the streams `x (B, S, n, C)` to float32 coefficients
 `(h_pre (B, S, n), h_post (B, S, n), h_res (B, S, n, n))`, in paper orientation; the block

@@ -28,8 +28,8 @@ VARIANTS = ("residual", "hc", "mhc", "mhc_lite")
 @dataclasses.dataclass(frozen=True)
 class Run:
   variant: str  # A connection name.
-  seed: int
-  workdir: str
+  seed: int  # The run's config.seed (params init and data order).
+  workdir: str  # <study_dir>/<variant>/seed<seed>
   config: ml_collections.ConfigDict  # The full `launch.train` config of this run.
 
 
@@ -44,7 +44,7 @@ def run_config(train_cfg: ml_collections.ConfigDict, variant: str, seed: int,
 
 
 def plan_runs(study_cfg: ml_collections.ConfigDict, study_dir: str) -> list[Run]:
-  """Every (variant, seed) run of the study, seed-major so that seed 0 of each variant comes first."""
+  """Every (variant, seed) run of the study, seed-major: each variant's first seed comes first."""
   variants = [v.strip() for v in study_cfg.variants.split(",") if v.strip()]
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown or not variants:
@@ -52,9 +52,10 @@ def plan_runs(study_cfg: ml_collections.ConfigDict, study_dir: str) -> list[Run]
                      f"subset of {','.join(VARIANTS)}.")
   if study_cfg.seeds < 1:
     raise ValueError(f"config.seeds={study_cfg.seeds!r} is invalid: must be >= 1.")
+  seeds = range(study_cfg.first_seed, study_cfg.first_seed + study_cfg.seeds)
   return [Run(v, s, os.path.join(study_dir, v, f"seed{s}"),
-              run_config(study_cfg.train, v, study_cfg.first_seed + s, study_cfg.n_streams))
-          for s in range(study_cfg.seeds) for v in variants]
+              run_config(study_cfg.train, v, s, study_cfg.n_streams))
+          for s in seeds for v in variants]
 
 
 PLAN_FILE = "study_config.json"
@@ -104,7 +105,7 @@ def run_study(runs: list[Run], log: Callable[[str], None] = print) -> bool:
     if is_finished(run):
       log(f"{tag}: finished, skipped")
       continue
-    log(f"{tag}: training {run.variant}, seed {run.config.seed}")
+    log(f"{tag}: training {run.variant}, seed {run.seed}")
     start = time.perf_counter()
     try:
       train.train_and_evaluate(run.config, run.workdir)
@@ -186,10 +187,10 @@ def summarize(runs: list[Run], *, spike_factor: float, spike_window: int) -> dic
   for variant in dict.fromkeys(r.variant for r in runs):
     mine = [(r, per_run[r.workdir]) for r in runs if r.variant == variant]
     mean, std = _mean_std([s["eval_loss"] for _, s in mine])
-    entry = {"seeds": [r.config.seed for r, _ in mine], "eval_loss_mean": mean,
+    entry = {"seeds": [r.seed for r, _ in mine], "eval_loss_mean": mean,
              "eval_loss_std": std, "eval_loss_per_seed": [s["eval_loss"] for _, s in mine],
              "final_step": min(s["final_step"] for _, s in mine),
-             "diverged_seeds": [r.config.seed for r, s in mine if s["diverged"]],
+             "diverged_seeds": [r.seed for r, s in mine if s["diverged"]],
              "grad_norm_spikes": [s["spikes"] for _, s in mine],
              "grad_norm_max": max(s["grad_norm_max"] for _, s in mine)}
     for direction in ("fwd", "bwd"):
@@ -197,7 +198,7 @@ def summarize(runs: list[Run], *, spike_factor: float, spike_window: int) -> dic
           rs[1][f"composite_{direction}"]["value"], nan=-1.0))
       entry[f"max_composite_{direction}"] = worst[f"composite_{direction}"]["value"]
       entry[f"max_composite_{direction}_at"] = {
-          "seed": worst_run.config.seed, "step": worst[f"composite_{direction}"]["step"],
+          "seed": worst_run.seed, "step": worst[f"composite_{direction}"]["step"],
           "layer": worst[f"composite_{direction}"]["layer"]}
     out[variant] = entry
   if "residual" in out:

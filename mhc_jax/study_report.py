@@ -76,7 +76,7 @@ def _heatmap(ax, m, title):
 
 
 def write_figure(runs, path, h_res_by_variant):
-  """Draws `study.png` from the runs' metrics and the final `H_res` of seed 0 of HC and mHC."""
+  """Draws `study.png` from the runs' metrics and the first HC and mHC seeds' final `H_res`."""
   records = {}
   for run in runs:
     records.setdefault(run.variant, []).append(read_metrics(run.workdir))
@@ -138,8 +138,9 @@ def readme_table(summary, cfg_line, spike_factor, spike_window):
         f"{_fmt_gain(e, 'bwd')} | {spikes} |")
   lines += [
       "", "Gains are those of the token-averaged `H_res` products on the fixed diagnostics batch, "
-      "the largest over all logged steps and layers (residual's are 1 by construction). The std is the sample "
-      "standard deviation over seeds (0 with one seed). A grad-norm spike is a logged step whose "
+      "the largest over all logged steps and layers (residual's are 1 by construction). The std "
+      "is the sample standard deviation over seeds (0 with one seed). A grad-norm spike is a "
+      "logged step whose "
       f"gradient norm (before clipping) exceeds {spike_factor} x the median of the "
       f"{spike_window} logged values before it.", "", "![study](study.png)", ""]
   return "\n".join(lines)
@@ -157,7 +158,7 @@ def write_study(runs, study_dir, *, spike_factor, spike_window):
   cfg_line = (f"{len(runs)} runs: d_model {first.d_model}, {first.num_layers} blocks, n = "
               f"{runs[-1].config.model.n_streams} (residual 1), {t.total_steps} steps of "
               f"{t.batch_size} x {t.seq_len} tokens, lr {t.optimizer.lr}, seeds "
-              f"{sorted({r.config.seed for r in runs})}.")
+              f"{sorted({r.seed for r in runs})}.")
   with open(paths[1], "w", encoding="utf-8") as f:
     f.write(readme_table(summary, cfg_line, spike_factor, spike_window))
   write_figure(runs, paths[2], h_res)

@@ -110,10 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, state_shard = build_state(config, mesh)
   mngr = checkpoint.make_manager(workdir, config.keep_checkpoints)
   writer = MetricsWriter(workdir, enabled=is_main)
-  start = mngr.latest_step() or 0
+  state, start = checkpoint.restore_latest(mngr, state, train_iter, config, workdir)
   if start:
-    checkpoint.check_compatible(checkpoint.saved_config(mngr, start), config, workdir)
-    state = checkpoint.restore(mngr, start, state, train_iter)
     logging.info("resumed from step %d of %s", start, workdir)
   writer.truncate_after(start)  # drop lines logged after the checkpoint (or all, when fresh)
   if is_main:
