@@ -101,7 +101,7 @@ class CompileReport:
             "not available for this target (its compiler gives no cost analysis); the "
             "roofline below is compute-only"),
         f"collectives: {self.collectives or 'none'}",
-        f"roofline step time {self.roofline_step_s * 1e3:.2f} ms, MFU {100 * self.mfu:.1f}%"
+        f"roofline step time {self.roofline_step_s * 1e3:.2f} ms, MFU {100 * self.mfu:.3g}%"
         + ("" if self.hbm_bytes_per_step is not None else " (compute only: an upper bound)"),
     ]
 

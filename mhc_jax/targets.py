@@ -9,6 +9,7 @@ neither.
 
 import dataclasses
 import importlib.util
+import os
 
 import jax
 from jax.experimental import topologies
@@ -104,4 +105,7 @@ def compile_only_devices(target: Target) -> list:
   if importlib.util.find_spec("libtpu") is None:
     raise ValueError(f"--target={target.name} needs libtpu, which is not installed: "
                      f"{TPU_INSTALL}.")
+  # Compile-only devices never open a TPU, so libtpu's one-process-per-host lock (which would
+  # stop two builds at once) does not apply.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   return list(topologies.get_topology_desc(target.topology, platform="tpu").devices)

@@ -25,6 +25,7 @@ SMOKE_CONFIG = {"train": "configs/default.py", "study": "configs/study.py",
                 "compile": "configs/default.py"}
 ORDER = ("prepare_data", "train", "study", "sample", "report", "compile")  # producers first
 TPU_PYTHON = REPO / ".venv-tpu" / "bin" / "python"  # launch.compile runs there (make test)
+CUDA_PYTHON = REPO / ".venv-cuda" / "bin" / "python"  # and there for --target=h100 (optional)
 TIMEOUT_S = 300
 
 
@@ -106,9 +107,11 @@ def test_every_documented_command_runs(tmp_path, cache_dir):
              PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)
   for module, args, source in doc_commands():
-    python = TPU_PYTHON if module == "compile" else Path(sys.executable)
+    python = Path(sys.executable)
+    if module == "compile":
+      python = CUDA_PYTHON if _flag(args, "target") == "h100" else TPU_PYTHON
     if not python.exists():
-      continue  # no .venv-tpu outside `make test`: tests/test_compile.py says so
+      continue  # no .venv-tpu / .venv-cuda: tests/test_compile.py says so in its skips
     argv = [str(python), "-m", f"launch.{module}", *_smoke(module, args)]
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S, check=False)
