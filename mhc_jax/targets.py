@@ -11,7 +11,6 @@ import dataclasses
 import importlib.util
 import os
 
-import jax
 from jax.experimental import topologies
 
 GIB = 2**30

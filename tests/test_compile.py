@@ -94,7 +94,7 @@ def test_train_step_compiles_for_tpu(tmp_path, target, connection):
 @pytest.mark.slow
 def test_analytic_flops_match_the_compiled_program():
   """`mhc_jax.flops` against XLA:TPU's own count for unrolled 1- and 2-block builds."""
-  script = f"""
+  script = """
 import json
 from launch.cli import load_config
 from mhc_jax import aot, flops, targets
