@@ -22,6 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = 300  # Optimizer steps.
   c.batch_size = 16  # Global batch (sequences), split over processes and devices.
   c.seq_len = 256  # Tokens per sequence.
+  c.microbatches = 1  # Gradient accumulation: the batch runs in this many slices per step.
   c.eval_every = 100  # Validation loss every this many steps (and at the end).
   c.eval_batches = 8  # Validation batches per evaluation.
   c.checkpoint_every = 100  # Checkpoint period (and at the end, and on SIGTERM).
@@ -63,7 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.cache_dir = ""  # Where the stdlib corpus is cached; "" = ~/.cache/mhc_jax.
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # Data-parallel devices (-1 = all that model leaves).
+  c.mesh.data = -1  # Data-parallel devices (-1 = all that expert x model leave).
+  c.mesh.expert = 1  # Expert-parallel devices (MoE models, configs/paper.py); batch splits too.
   c.mesh.model = 1  # Tensor-parallel devices.
 
   for variant in filter(None, (arg or "").split(",")):

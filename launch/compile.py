@@ -27,13 +27,16 @@ _DEFAULT = "configs/default.py"
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Run config file.")
 _TARGET = flags.DEFINE_string("target", "v5p-8", "v5e-N, v6e-N (N chips) or v5p-N (N cores).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+_BYTES = flags.DEFINE_bool(
+    "bytes", True, "Also build unrolled 1- and 2-block steps for the HBM bytes per step; "
+    "--nobytes skips them (faster; the roofline is then compute-only).")
 
 
 def main(argv):
   del argv
   try:
     target = targets.parse_target(_TARGET.value)
-    report = aot.compile_report(_CONFIG.value, target)
+    report = aot.compile_report(_CONFIG.value, target, with_bytes=_BYTES.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

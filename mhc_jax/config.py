@@ -10,6 +10,7 @@ from mhc_jax.permutations import MAX_STREAMS as MAX_LITE_STREAMS
 CONNECTIONS = ("residual", "hc", "mhc", "mhc_lite")
 EXITS = ("gated", "sum", "mean")
 REMAT_POLICIES = ("none", "full", "dots", "mhc_block")
+ATTENTIONS = ("gqa", "mla")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -41,6 +42,22 @@ class ModelConfig:
   hc_scale: float = 0.01  # s of the dynamic HC terms (Zhu et al.).
   remat_policy: str = "none"  # none | full | dots | mhc_block (paper's block recompute).
   scan_layers: bool = True  # nn.scan over blocks; False unrolls a Python loop (for tests).
+  # Attention: grouped-query (gqa) or DeepSeek's multi-head latent attention (mla).
+  attention: str = "gqa"  # gqa | mla.
+  q_lora_rank: int = 0  # MLA query compression rank; 0 projects queries at full rank.
+  kv_lora_rank: int = 512  # MLA key-value compression rank.
+  qk_nope_dim: int = 128  # MLA per-head query/key width without RoPE.
+  qk_rope_dim: int = 64  # MLA per-head RoPE width (the RoPE key is shared by all heads).
+  v_head_dim: int = 128  # MLA per-head value width.
+  # Mixture of experts (DeepSeek-V3 style); num_experts = 0 keeps every MLP dense.
+  num_experts: int = 0  # Routed experts.
+  experts_per_token: int = 6  # Routed experts each token is sent to (top-k).
+  num_shared_experts: int = 2  # Experts every token goes through.
+  expert_dim: int = 896  # Hidden width of each (routed and shared) expert.
+  dense_blocks: int = 1  # Leading blocks that keep the dense MLP.
+  routed_scaling: float = 1.0  # Factor on the routed experts' output.
+  balance_rate: float = 1e-3  # gamma: step of the loss-free balancing bias per train step.
+  balance_loss_weight: float = 0.0  # Weight of the sequence-wise balance loss (0 = off).
 
   def __post_init__(self):
     for field in ("vocab_size", "d_model", "num_layers", "num_heads"):
@@ -73,12 +90,46 @@ class ModelConfig:
       _fail("mhc_impl", self.mhc_impl, "choose 'xla' or 'pallas'.")
     if self.remat_policy not in REMAT_POLICIES:
       _fail("remat_policy", self.remat_policy, f"choose one of {REMAT_POLICIES}.")
+    if self.attention not in ATTENTIONS:
+      _fail("attention", self.attention, f"choose one of {ATTENTIONS}.")
+    if self.attention == "mla":
+      for field in ("kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim"):
+        if getattr(self, field) < 1:
+          _fail(field, getattr(self, field), "must be a positive integer for attention='mla'.")
+      if self.qk_rope_dim % 2:
+        _fail("qk_rope_dim", self.qk_rope_dim, "must be even for RoPE.")
+    if self.q_lora_rank < 0:
+      _fail("q_lora_rank", self.q_lora_rank, "must be >= 0 (0 = no query compression).")
+    if self.num_experts < 0:
+      _fail("num_experts", self.num_experts, "must be >= 0 (0 = dense MLPs only).")
+    if self.num_experts:
+      if not 1 <= self.experts_per_token <= self.num_experts:
+        _fail("experts_per_token", self.experts_per_token,
+              f"must be between 1 and num_experts={self.num_experts}.")
+      if self.expert_dim < 1 or self.num_shared_experts < 0:
+        _fail("expert_dim" if self.expert_dim < 1 else "num_shared_experts",
+              self.expert_dim if self.expert_dim < 1 else self.num_shared_experts,
+              "expert_dim must be >= 1 and num_shared_experts >= 0.")
+      if not 0 <= self.dense_blocks < self.num_layers:
+        _fail("dense_blocks", self.dense_blocks,
+              f"must be between 0 and num_layers - 1 = {self.num_layers - 1} so that at least "
+              "one block has experts.")
     if self.dtype not in DTYPES:
       _fail("dtype", self.dtype, f"choose one of {tuple(DTYPES)}.")
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def rope_dim(self) -> int:
+    """Width of the rotated part of each query/key head."""
+    return self.qk_rope_dim if self.attention == "mla" else self.head_dim
+
+  @property
+  def moe_blocks(self) -> int:
+    """Blocks whose MLP is a mixture of experts."""
+    return self.num_layers - self.dense_blocks if self.num_experts else 0
 
   @property
   def kv_heads(self) -> int:

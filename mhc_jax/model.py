@@ -3,6 +3,11 @@
 tokens -> embed -> expand to n streams -> nn.scan over blocks (attention, MLP; each a connection
 layer) -> exit collapse -> final RMSNorm -> untied LM head. With `return_coeffs=True` the per-layer
 coefficients come out of the scan as outputs of shape `(2 * num_layers, B, S, ...)`.
+
+Attention is grouped-query (`Attention`) or latent (`MLA`). With `num_experts > 0` the first
+`dense_blocks` blocks keep the dense MLP (scan `blocks`) and the rest use a mixture of experts
+(scan `moe_blocks`); `return_moe_stats=True` returns their routing statistics (`moe.MoEStats`,
+one row per MoE block), which the train step needs for the balancing bias.
 """
 
 import logging
@@ -15,6 +20,8 @@ from jax.ad_checkpoint import checkpoint_name
 from mhc_jax.config import ModelConfig
 from mhc_jax.connections import Coefficients, ExitCollapse, make_connection
 from mhc_jax.layers import Attention, RMSNorm, SwiGLU, dense_init, rope_tables
+from mhc_jax.mla import MLA
+from mhc_jax.moe import MoE
 from mhc_jax.streams import expand_streams, post_res_mix, pre_mix
 
 STREAM_AXES = ("batch", "length", "streams", "embed")
@@ -48,16 +55,30 @@ def resolve_impl(cfg: ModelConfig) -> str:
 
 
 class Block(nn.Module):
-  """One Transformer block: two connection layers (attention, then SwiGLU)."""
+  """One Transformer block: two connection layers (attention, then SwiGLU or MoE).
+
+  Returns `(x, (coeffs, moe_stats))`; `coeffs` is None unless `return_coeffs`, `moe_stats` None
+  unless `moe`.
+  """
   cfg: ModelConfig
   impl: str = "xla"
   return_coeffs: bool = False
+  moe: bool = False
+  mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
-  def __call__(self, x_BxSxNxC, block_index, sin_SxH, cos_SxH):
+  def __call__(self, x_BxSxNxC, block_index, sin_SxR, cos_SxR):
     cfg, dt = self.cfg, self.cfg.activation_dtype
-    sublayers = (("attn", lambda u: Attention(cfg, name="attn")(u, sin_SxH, cos_SxH)),
-                 ("mlp", lambda u: SwiGLU(cfg, name="mlp")(u)))
+    attention = MLA if cfg.attention == "mla" else Attention
+    stats = []
+
+    def moe_sublayer(u):
+      y, s = MoE(cfg, self.mesh, name="moe")(u)
+      stats.append(s)
+      return y
+
+    sublayers = (("attn", lambda u: attention(cfg, name="attn")(u, sin_SxR, cos_SxR)),
+                 ("mlp", moe_sublayer if self.moe else lambda u: SwiGLU(cfg, name="mlp")(u)))
     all_coeffs = []
     for k, (name, sublayer) in enumerate(sublayers):
       x_BxSxNxC = nn.with_logical_constraint(x_BxSxNxC, STREAM_AXES)
@@ -68,48 +89,66 @@ class Block(nn.Module):
       x_BxSxNxC = post_res_mix(x_BxSxNxC, y_BxSxC, coeffs.h_post, coeffs.h_res, impl=self.impl)
       all_coeffs.append(coeffs)
     stacked = jax.tree.map(lambda *c: jnp.stack(c), *all_coeffs) if self.return_coeffs else None
-    return x_BxSxNxC, stacked
+    return x_BxSxNxC, (stacked, stats[0] if stats else None)
 
 
 class DecoderLM(nn.Module):
-  """Decoder-only LM; `__call__(tokens (B, S)) -> logits (B, S, V)` in float32."""
+  """Decoder-only LM; `__call__(tokens (B, S)) -> logits (B, S, V)` in float32.
+
+  `mesh`: the device mesh of the run, for expert parallelism over its `expert` axis; None runs
+  every expert on every device.
+  """
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
-  def __call__(self, tokens_BxS: jax.Array, *, return_coeffs: bool = False):
+  def __call__(self, tokens_BxS: jax.Array, *, return_coeffs: bool = False,
+               return_moe_stats: bool = False):
     cfg, dt = self.cfg, self.cfg.activation_dtype
+    if return_coeffs and return_moe_stats:
+      raise ValueError("return_coeffs and return_moe_stats cannot both be set.")
     x_BxSxC = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=dt, name="embed",
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                     ("vocab", "embed")))(tokens_BxS)
     x_BxSxNxC = expand_streams(x_BxSxC, cfg.n_streams)
-    sin_SxH, cos_SxH = rope_tables(tokens_BxS.shape[1], cfg.head_dim, cfg.rope_theta)
+    sin_SxR, cos_SxR = rope_tables(tokens_BxS.shape[1], cfg.rope_dim, cfg.rope_theta)
 
     block_cls = Block
     if cfg.remat_policy != "none":
       block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
                            prevent_cse=not cfg.scan_layers)
     impl = resolve_impl(cfg)
-    if cfg.scan_layers:
-      stack = nn.scan(
-          block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, impl, return_coeffs, name="blocks")
-      x_BxSxNxC, coeffs = stack(x_BxSxNxC, jnp.arange(cfg.num_layers), sin_SxH, cos_SxH)
-    else:
-      per_block = []
-      for i in range(cfg.num_layers):
-        x_BxSxNxC, c = block_cls(cfg, impl, return_coeffs, name=f"blocks_{i}")(
-            x_BxSxNxC, i, sin_SxH, cos_SxH)
-        per_block.append(c)
-      coeffs = jax.tree.map(lambda *c: jnp.stack(c), *per_block) if return_coeffs else None
+    dense_blocks = cfg.num_layers - cfg.moe_blocks
+    outputs = []  # (coeffs, moe_stats) of each stack, layers first
+    for name, moe, start, length in (("blocks", False, 0, dense_blocks),
+                                     ("moe_blocks", True, dense_blocks, cfg.moe_blocks)):
+      if not length:
+        continue
+      if cfg.scan_layers:
+        stack = nn.scan(
+            block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast), length=length,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, impl, return_coeffs, moe, self.mesh, name=name)
+        x_BxSxNxC, out = stack(x_BxSxNxC, jnp.arange(start, start + length), sin_SxR, cos_SxR)
+      else:
+        per_block = []
+        for i in range(length):
+          x_BxSxNxC, o = block_cls(cfg, impl, return_coeffs, moe, self.mesh, name=f"{name}_{i}")(
+              x_BxSxNxC, start + i, sin_SxR, cos_SxR)
+          per_block.append(o)
+        out = jax.tree.map(lambda *o: jnp.stack(o), *per_block)
+      outputs.append(out)
 
     y_BxSxC = RMSNorm(cfg.norm_eps, dt, name="final_norm")(ExitCollapse(cfg, name="exit")(x_BxSxNxC))
     logits_BxSxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, name="lm_head",
                             kernel_init=dense_init(cfg.d_model, ("embed", "vocab")))(y_BxSxC)
     logits_BxSxV = logits_BxSxV.astype(jnp.float32)
+    if return_moe_stats:
+      return logits_BxSxV, outputs[-1][1] if cfg.moe_blocks else None
     if not return_coeffs:
       return logits_BxSxV
     # (num_layers, 2, ...) -> (2 * num_layers, ...): one entry per connection layer, in order.
+    coeffs = jax.tree.map(lambda *c: jnp.concatenate(c), *(o[0] for o in outputs))
     return logits_BxSxV, Coefficients(*(c.reshape(-1, *c.shape[2:]) for c in coeffs))

@@ -1,7 +1,9 @@
 """Device mesh and the logical-axis rules that map parameter/activation names onto it.
 
-The mesh has axes `("data", "model")`: batch over `data`; MLP hidden, heads and vocabulary over
-`model`. The streams axis of mHC is never sharded. Axes are `AxisType.Auto`, so the logical
+The mesh has axes `("data", "expert", "model")`: batch over `data` and `expert`; routed experts
+over `expert` (expert parallelism, `moe.py`) and each expert's weights over `data` and `model`;
+MLP hidden, heads and vocabulary over `model`. The
+streams axis of mHC is never sharded. Axes are `AxisType.Auto`, so the logical
 constraints inside the model (`nn.with_logical_constraint`) act as sharding hints under `jit`.
 """
 
@@ -9,9 +11,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "model")
+MESH_AXES = ("data", "expert", "model")
 LOGICAL_RULES = (
-    ("batch", "data"),
+    ("batch", ("data", "expert")),
+    ("exp", "expert"),
+    ("exp_embed", ("data", "model")),  # each expert's C, split ZeRO-3 style (moe.py)
     ("length", None),
     ("streams", None),
     ("embed", None),
@@ -24,28 +28,54 @@ LOGICAL_RULES = (
 )
 
 
-def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
-  """A `(data, model)` mesh over `devices` (default: all); `-1` takes what the other axis leaves.
+def make_mesh(data: int = -1, model: int = 1, devices=None, *, expert: int = 1
+              ) -> jax.sharding.Mesh:
+  """A `(data, expert, model)` mesh over `devices` (default: all); `data=-1` takes what the other
+  axes leave.
 
   `devices` may be compile-only devices of a TPU or GPU topology (see `mhc_jax.targets`).
   """
   devices = jax.devices() if devices is None else list(devices)
   num = len(devices)
-  if model < 1 or num % model:
-    raise ValueError(f"mesh.model={model} must be >= 1 and divide the {num} devices.")
+  for name, size in (("model", model), ("expert", expert)):
+    if size < 1 or num % size:
+      raise ValueError(f"mesh.{name}={size} must be >= 1 and divide the {num} devices.")
+  if num % (model * expert):
+    raise ValueError(f"mesh.expert={expert} x mesh.model={model} must divide the {num} devices.")
   if data == -1:
-    data = num // model
-  if data * model != num:
+    data = num // (model * expert)
+  if data * expert * model != num:
     raise ValueError(
-        f"mesh.data={data} x mesh.model={model} = {data * model} does not match the {num} "
-        "devices; set mesh.data=-1 to use all of them.")
-  return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+        f"mesh.data={data} x mesh.expert={expert} x mesh.model={model} = "
+        f"{data * expert * model} does not match the {num} devices; set mesh.data=-1 to use all "
+        "of them.")
+  return jax.make_mesh((data, expert, model), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)
 
 
+def mesh_from_config(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  """`make_mesh` from a config's `mesh` fields (`expert` is optional and defaults to 1)."""
+  return make_mesh(mesh_cfg.data, mesh_cfg.model, devices, expert=mesh_cfg.get("expert", 1))
+
+
+def batch_parallelism(mesh: jax.sharding.Mesh) -> int:
+  """How many ways the batch is split: `data x expert`."""
+  return mesh.shape["data"] * mesh.shape["expert"]
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, microbatches: int = 1) -> None:
+  """Every microbatch must split evenly over the batch-parallel devices (`data x expert`)."""
+  ways = batch_parallelism(mesh)
+  if batch_size % (ways * microbatches):
+    raise ValueError(
+        f"config.batch_size={batch_size} must be divisible by microbatches={microbatches} x the "
+        f"{ways} batch-parallel devices (mesh.data={mesh.shape['data']} x "
+        f"mesh.expert={mesh.shape['expert']}); change batch_size, microbatches or the mesh.")
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Batches `(B, S)` split over `data`."""
-  return NamedSharding(mesh, PartitionSpec("data"))
+  """Batches `(B, S)` split over `data` and `expert`."""
+  return NamedSharding(mesh, PartitionSpec(("data", "expert")))
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:

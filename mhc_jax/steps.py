@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from mhc_jax import sharding
+from mhc_jax import moe, sharding
 
 
 class TrainState(train_state.TrainState):
@@ -63,15 +63,62 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Ar
     return init(rng), shardings
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-  """One optimizer step on `batch = {inputs, targets}`; returns the new state and metrics."""
+def _loss_and_grads(params, apply_fn, batch):
+  """`(cross-entropy, moe stats or None), grads` of one (micro)batch."""
   def loss_fn(params):
-    logits = state.apply_fn({"params": params}, batch["inputs"])
-    return cross_entropy(logits, batch["targets"])
+    logits, stats = apply_fn({"params": params}, batch["inputs"], return_moe_stats=True)
+    ce = cross_entropy(logits, batch["targets"])
+    aux = 0.0 if stats is None else jnp.sum(stats.balance_loss)
+    return ce + aux, (ce, stats)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
-  return state.apply_gradients(grads=grads), metrics
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return aux, grads
+
+
+def _accumulate(params, apply_fn, batch, microbatches: int):
+  """`_loss_and_grads` averaged over `microbatches` slices of the batch, one after another.
+
+  Microbatch `i` holds rows `i, i + k, i + 2k, ...`: every device keeps its own rows, so the
+  split moves no data. Expert loads add up; losses and gradients average.
+  """
+  def split(x):
+    return jnp.swapaxes(x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]), 0, 1)
+
+  def body(carry, micro):
+    aux, grads = _loss_and_grads(params, apply_fn, micro)
+    return jax.tree.map(jnp.add, carry, (aux, grads)), None
+
+  first_aux, first_grads = jax.eval_shape(lambda p, b: _loss_and_grads(p, apply_fn, b), params,
+                                          jax.tree.map(lambda x: split(x)[0], batch))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (first_aux, first_grads))
+  (ce, stats), grads = jax.lax.scan(body, zeros, jax.tree.map(split, batch))[0]
+  mean = lambda t: jax.tree.map(lambda x: x / microbatches, t)
+  if stats is not None:
+    stats = stats._replace(balance_rate=stats.balance_rate / microbatches,
+                           balance_loss=stats.balance_loss / microbatches,
+                           dropped=stats.dropped / microbatches)
+  return (ce / microbatches, stats), mean(grads)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], microbatches: int = 1
+               ) -> tuple[TrainState, dict]:
+  """One optimizer step on `batch = {inputs, targets}`; returns the new state and metrics.
+
+  `microbatches > 1` accumulates gradients over that many slices of the batch (same update,
+  less activation memory). A mixture-of-experts model adds its balance loss to the loss
+  (`train_loss` stays the cross-entropy) and moves its balancing biases after the optimizer
+  update, by the expert loads of the whole batch (`moe.py`).
+  """
+  if microbatches == 1:
+    (ce, stats), grads = _loss_and_grads(state.params, state.apply_fn, batch)
+  else:
+    (ce, stats), grads = _accumulate(state.params, state.apply_fn, batch, microbatches)
+  metrics = {"train_loss": ce, "grad_norm": optax.tree.norm(grads)}
+  state = state.apply_gradients(grads=grads)
+  if stats is not None:
+    state = state.replace(params=moe.apply_balance_update(state.params, stats))
+    metrics.update(moe.load_metrics(stats))
+  return state, metrics
 
 
 def eval_loss(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:

@@ -6,6 +6,7 @@ SIGTERM saves a checkpoint and returns; a non-finite loss raises `NonFiniteLossE
 saving, so the last checkpoint on disk is the last good one.
 """
 
+import functools
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from mhc_jax.metrics import MetricsWriter, ProgressBar
 from mhc_jax.model import DecoderLM
 from mhc_jax.steps import abstract_state, create_state, eval_loss, train_step
 
-_POSITIVE_FIELDS = ("total_steps", "batch_size", "seq_len", "eval_every", "eval_batches",
+_POSITIVE_FIELDS = ("total_steps", "batch_size", "microbatches", "seq_len", "eval_every", "eval_batches",
                     "checkpoint_every", "diag_every", "log_every", "keep_checkpoints")
 
 
@@ -44,27 +45,28 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig.from_dict(config.model)
 
 
-def _model_optimizer_example(config: ml_collections.ConfigDict):
-  model = DecoderLM(ModelConfig.from_dict(config.model))
+def _model_optimizer_example(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
+  model = DecoderLM(ModelConfig.from_dict(config.model), mesh)
   tx = optim.make_optimizer(config.optimizer, config.total_steps)
   return model, tx, jnp.zeros((1, config.seq_len), jnp.int32)
 
 
 def build_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
   """`(state, state_sharding)` of a freshly initialised model and optimizer."""
-  model, tx, example = _model_optimizer_example(config)
+  model, tx, example = _model_optimizer_example(config, mesh)
   return create_state(model, tx, jax.random.key(config.seed), example, mesh)
 
 
 def build_abstract_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """`(state of sharded ShapeDtypeStructs, state_sharding)`, for compile-only builds."""
-  return abstract_state(*_model_optimizer_example(config), mesh)
+  return abstract_state(*_model_optimizer_example(config, mesh), mesh)
 
 
-def jit_train_step(state_shard, batch_shard):
+def jit_train_step(state_shard, batch_shard, microbatches: int = 1):
   """The jitted train step, sharded and donating its state (`launch.compile` builds this too)."""
-  return jax.jit(train_step, in_shardings=(state_shard, batch_shard),
-                 out_shardings=(state_shard, None), donate_argnums=0)
+  return jax.jit(functools.partial(train_step, microbatches=microbatches),
+                 in_shardings=(state_shard, batch_shard), out_shardings=(state_shard, None),
+                 donate_argnums=0)
 
 
 def _diagnostics(state, tokens_BxS) -> dict[str, jax.Array]:
@@ -94,10 +96,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_main = jax.process_index() == 0
   logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
-  if config.batch_size % mesh.shape["data"]:
-    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
-                     f"{mesh.shape['data']} data-parallel devices.")
+  mesh = sharding.mesh_from_config(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh, config.microbatches)
   data_dir = data.resolve_data_dir(config.data.dir or None, config.data.cache_dir or None)
   train_iter = data.make_train_iterator(data_dir, seq_len=config.seq_len,
                                         global_batch_size=config.batch_size, seed=config.seed)
@@ -119,7 +119,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump(config.to_dict(), f, indent=2)
 
   with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    p_train = jit_train_step(state_shard, batch_shard)
+    p_train = jit_train_step(state_shard, batch_shard, config.microbatches)
     p_eval = jax.jit(eval_loss, in_shardings=(state_shard, batch_shard))
     p_diag = jax.jit(_diagnostics, in_shardings=(state_shard, batch_shard))
   schedule = optim.make_schedule(config.optimizer, config.total_steps)

@@ -92,17 +92,21 @@ def test_train_step_compiles_for_tpu(tmp_path, target, connection):
 
 @needs_libtpu
 @pytest.mark.slow
-def test_analytic_flops_match_the_compiled_program():
-  """`mhc_jax.flops` against XLA:TPU's own count for unrolled 1- and 2-block builds."""
-  script = """
+@pytest.mark.parametrize("config,layers", [("configs/default.py:hc", (1, 2)),
+                                           ("configs/paper.py:tiny", (2, 3))],
+                         ids=["v5e-4-default-hc-float32", "v5e-4-paper-tiny-moe-mla-float32"])
+def test_analytic_flops_match_the_compiled_program(config, layers):
+  """`mhc_jax.flops` against XLA:TPU's own count for unrolled builds one block apart (for the
+  MoE model, one MoE block after its dense block)."""
+  script = f"""
 import json
 from launch.cli import load_config
 from mhc_jax import aot, flops, targets
 from mhc_jax.config import ModelConfig
-cfg = load_config("configs/default.py:hc")
+cfg = load_config("{config}")
 devices = targets.compile_only_devices(targets.parse_target("v5e-4"))
 xla = []
-for layers in (1, 2):
+for layers in {layers}:
   c = cfg.copy_and_resolve_references()
   c.model.num_layers, c.model.scan_layers = layers, False
   xla.append(aot.compile_train_step(c, devices).cost_analysis()["flops"] * len(devices))
@@ -116,8 +120,36 @@ print(json.dumps(xla))
   assert proc.returncode == 0, proc.stderr[-3000:]
   xla_1, ours_1, xla_2, ours_2 = json.loads(proc.stdout.strip().splitlines()[-1])
   # The per-block difference isolates one block's FLOPs from the head and the optimizer. XLA
-  # also counts the elementwise ops (norms, softmax, tanh): 2% more at this shape.
+  # also counts the elementwise ops (norms, softmax, tanh): 2% more at the default shape.
   assert (ours_2 - ours_1) == pytest.approx(xla_2 - xla_1, rel=0.05)
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_expert_parallel_moe_compiles_for_v5p(tmp_path):
+  """v5p-8-paper-smoke-float32, mesh data 1 x expert 4: MoE + MLA + mHC through XLA:TPU, with
+  the expert dispatch as all-to-alls and the ZeRO-3 expert weights gathered."""
+  out = tmp_path / "compile.json"
+  proc = _compile(TPU_PYTHON, "--config=configs/paper.py:smoke", "--target=v5p-8",
+                  "--config.mesh.expert=4", "--config.microbatches=2", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["fits"] and report["hbm_bytes_per_step"] > 0
+  assert report["collectives"].get("all-to-all", 0) >= 4, report["collectives"]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_out_of_memory_is_reported_not_raised(tmp_path):
+  """v5e-4-smoke-seq8192-float32: XLA:TPU refuses the program; the report says by how much."""
+  out = tmp_path / "compile.json"
+  proc = _compile(TPU_PYTHON, f"--config={SMOKE}", "--target=v5e-4", "--config.batch_size=256",
+                  "--config.seq_len=8192", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert not report["fits"] and report["out_of_memory"]
+  assert report["per_device_bytes"]["temp"] > report["hbm_bytes"]
+  assert "refused by the compiler for memory" in proc.stdout and "short by" in proc.stdout
 
 
 @needs_libtpu

@@ -13,8 +13,12 @@ from mhc_jax.config import ModelConfig
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 STUDY_CONFIG = CONFIGS_DIR / "study.py"
 CONFIG_FILES = sorted(p for p in CONFIGS_DIR.glob("*.py") if p != STUDY_CONFIG)  # training
-VARIANTS = ("", "residual", "hc", "mhc", "n=2", "d=512", "smoke", "hc,smoke", "mhc,n=2,smoke",
-            "residual,smoke", "d=128,hc")
+VARIANTS = {
+    "default.py": ("", "residual", "hc", "mhc", "n=2", "d=512", "smoke", "hc,smoke",
+                   "mhc,n=2,smoke", "residual,smoke", "d=128,hc"),
+    "paper.py": ("", "residual", "hc", "mhc", "smoke", "hc,smoke", "residual,smoke", "tiny",
+                 "tiny,mhc_lite", "9b,hc", "27b,residual"),
+}
 
 
 def _load(path: Path):
@@ -53,8 +57,13 @@ def test_study_config_documents_its_command_and_fields():
   assert fields and all("#" in line for line in fields), fields
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v or "base")
+def test_every_config_has_variants():
+  assert sorted(p.name for p in CONFIG_FILES) == sorted(VARIANTS)
+
+
+@pytest.mark.parametrize("path,variant",
+                         [(p, v) for p in CONFIG_FILES for v in VARIANTS.get(p.name, ())],
+                         ids=lambda x: x.name if isinstance(x, Path) else (x or "base"))
 def test_config_loads_and_validates(path, variant):
   config = _load(path).get_config(variant)
   model = ModelConfig.from_dict(config.model)
@@ -102,3 +111,23 @@ def test_config_documents_its_command_and_fields(path):
   assert assignments
   undocumented = [line for line in assignments if "#" not in line]
   assert not undocumented, f"config fields without a comment: {undocumented}"
+
+
+@pytest.mark.parametrize("size,total,active", [("3b", 3e9, 612e6), ("9b", 9e9, 1.66e9),
+                                               ("27b", 27e9, 4.14e9)])
+def test_paper_configs_have_the_papers_parameter_counts(size, total, active):
+  """Table 5's sizes: total parameters, and active ones (the embedding table not counted)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mhc_jax.model import DecoderLM  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig.from_dict(_load(CONFIGS_DIR / "paper.py").get_config(f"{size},mhc").model)
+  params = jax.eval_shape(lambda: nn.meta.unbox(
+      DecoderLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))["params"]
+  sizes = {jax.tree_util.keystr(p): x.size for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  routed = sum(v for k, v in sizes.items() if "experts_" in k)
+  all_params = sum(sizes.values())
+  active_params = (all_params - routed * (1 - cfg.experts_per_token / cfg.num_experts)
+                   - cfg.vocab_size * cfg.d_model)
+  assert all_params == pytest.approx(total, rel=0.02)
+  assert active_params == pytest.approx(active, rel=0.01)
