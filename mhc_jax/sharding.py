@@ -8,6 +8,7 @@ constraints inside the model (`nn.with_logical_constraint`) act as sharding hint
 """
 
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -49,8 +50,13 @@ def make_mesh(data: int = -1, model: int = 1, devices=None, *, expert: int = 1
         f"mesh.data={data} x mesh.expert={expert} x mesh.model={model} = "
         f"{data * expert * model} does not match the {num} devices; set mesh.data=-1 to use all "
         "of them.")
-  return jax.make_mesh((data, expert, model), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+  shape, axis_types = (data, expert, model), (AxisType.Auto,) * 3
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  except NotImplementedError:
+    # An axis that is no product of whole torus axes (8 on a 4x4x4 v5p slice): let it split one.
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def mesh_from_config(mesh_cfg, devices=None) -> jax.sharding.Mesh:
