@@ -31,15 +31,14 @@ import os
 import ml_collections
 
 # size: (blocks, C, heads, routed experts, expert width, batch, steps, lr,
-#        mesh.expert, microbatches, remat). The mesh and microbatches are those of the smallest
+#        mesh.expert, mesh.model, microbatches, remat). The mesh and microbatches are those of the smallest
 #        v5p slice the compile-only build fits on (benchmarks/README.md): v5p-8 (4 chips) for 3B
-#        and 9B. 27B fits on no slice yet (it needs FSDP of the dense parameters); its values are
-#        for v5p-64. On another slice set --config.microbatches=batch / chips (one sequence per
-#        chip per microbatch).
+#        and 9B, v5p-64 (32 chips, tensor parallel 2) for 27B. On another slice set
+#        --config.microbatches=batch / (chips / mesh.model): one sequence per chip per microbatch.
 SIZES = {
-    "3b": (12, 1280, 16, 64, 896, 320, 30_000, 8.6e-4, 4, 80, "full"),
-    "9b": (18, 1920, 24, 64, 1280, 512, 50_000, 5.9e-4, 4, 128, "full"),
-    "27b": (30, 2560, 32, 72, 1536, 1280, 50_000, 4.0e-4, 8, 40, "full"),
+    "3b": (12, 1280, 16, 64, 896, 320, 30_000, 8.6e-4, 4, 1, 80, "full"),
+    "9b": (18, 1920, 24, 64, 1280, 512, 50_000, 5.9e-4, 4, 1, 128, "full"),
+    "27b": (30, 2560, 32, 72, 1536, 1280, 50_000, 4.0e-4, 8, 2, 80, "full"),
 }
 CONNECTIONS = ("residual", "hc", "mhc", "mhc_lite")
 
@@ -102,7 +101,7 @@ def _paper_architecture(c: ml_collections.ConfigDict) -> None:
 
 
 def _paper_size(c, blocks, width, heads, experts, expert_dim, batch, steps, lr, expert_shards,
-                microbatches, remat):
+                tensor_shards, microbatches, remat):
   m = c.model
   m.num_layers, m.d_model, m.num_heads = blocks, width, heads
   m.num_experts, m.expert_dim = experts, expert_dim
@@ -110,6 +109,7 @@ def _paper_size(c, blocks, width, heads, experts, expert_dim, batch, steps, lr, 
   m.remat_policy = remat
   c.batch_size, c.total_steps, c.optimizer.lr = batch, steps, lr
   c.mesh.expert = expert_shards  # Experts split over this many devices.
+  c.mesh.model = tensor_shards  # Heads, vocabulary and dense MLP split over this many.
   c.microbatches = microbatches  # Gradient accumulation: one sequence per chip per microbatch.
 
 
@@ -126,7 +126,7 @@ def _small(c: ml_collections.ConfigDict, smoke: bool) -> None:
   c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 30
   c.eval_every = c.checkpoint_every = 100  # Periods.
   c.diag_every, c.log_every = 50, 10  # Periods.
-  c.mesh.expert = 1  # One device.
+  c.mesh.expert = c.mesh.model = 1  # One device.
   c.microbatches = 1  # No accumulation.
   if smoke:
     m.d_model, m.num_layers, m.num_heads, m.num_experts = 32, 2, 2, 4
