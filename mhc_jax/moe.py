@@ -58,7 +58,7 @@ def grouped_swiglu(x_AxC: jax.Array, group_sizes_E: jax.Array, w_in_ExCx2F: jax.
 
 def dispatch_local(x_TxC, expert_TxK, gate_TxK, w_in_ExCx2F, w_out_ExFxC) -> jax.Array:
   """`sum_k gate * FFN_expert(x)` per token with every expert on this device."""
-  t, k = expert_TxK.shape
+  k = expert_TxK.shape[1]
   num_experts = w_in_ExCx2F.shape[0]
   order_A = jnp.argsort(expert_TxK.reshape(-1), stable=True)
   token_A = order_A // k
