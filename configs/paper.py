@@ -33,12 +33,12 @@ import ml_collections
 # size: (blocks, C, heads, routed experts, expert width, batch, steps, lr,
 #        mesh.expert, mesh.model, microbatches, remat). The mesh and microbatches are those of the smallest
 #        v5p slice the compile-only build fits on (benchmarks/README.md): v5p-8 (4 chips) for 3B
-#        and 9B, v5p-64 (32 chips, tensor parallel 2) for 27B. On another slice set
+#        and 9B, v5p-32 (16 chips, tensor parallel 2) for 27B. On another slice set
 #        --config.microbatches=batch / (chips / mesh.model): one sequence per chip per microbatch.
 SIZES = {
     "3b": (12, 1280, 16, 64, 896, 320, 30_000, 8.6e-4, 4, 1, 80, "full"),
     "9b": (18, 1920, 24, 64, 1280, 512, 50_000, 5.9e-4, 4, 1, 128, "full"),
-    "27b": (30, 2560, 32, 72, 1536, 1280, 50_000, 4.0e-4, 8, 2, 80, "full"),
+    "27b": (30, 2560, 32, 72, 1536, 1280, 50_000, 4.0e-4, 8, 2, 160, "full"),
 }
 CONNECTIONS = ("residual", "hc", "mhc", "mhc_lite")
 
