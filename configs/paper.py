@@ -1,6 +1,6 @@
 """The paper's models (mHC, arXiv:2512.24880, Table 5): DeepSeek-V3-style MoE + MLA at 3B/9B/27B.
 
-  python -m launch.train --config=configs/paper.py:tiny --workdir=runs/paper_tiny   # CPU, ~6 min
+  python -m launch.train --config=configs/paper.py:tiny --workdir=runs/paper_tiny   # ~10 min, 2-core CPU
   python -m launch.compile --config=configs/paper.py:3b,mhc --target=v5p-8          # fits?
 
 On a pod, run launch.train with `--config=configs/paper.py:3b,mhc --multihost` on every worker.
