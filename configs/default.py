@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.mhc_res_identity_bias = 0.0  # tau of b_res = tau I.
   c.model.mhc_dynamic = True  # False: static mHC.
   c.model.mhc_impl = "xla"  # xla | pallas.
+  c.model.attention_impl = "auto"  # auto (TPU splash, GPU cuDNN, else XLA) | xla | cudnn | splash.
   c.model.remat_policy = "none"  # none | full | dots | mhc_block.
   c.model.scan_layers = True  # nn.scan over blocks.
 
@@ -65,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Data-parallel devices (-1 = all that expert x model leave).
+  c.mesh.fsdp = 1  # FSDP devices: batch splits, parameters and optimizer state shard (ZeRO-3).
   c.mesh.expert = 1  # Expert-parallel devices (MoE models, configs/paper.py); batch splits too.
   c.mesh.model = 1  # Tensor-parallel devices.
 

@@ -88,6 +88,7 @@ def _paper_architecture(c: ml_collections.ConfigDict) -> None:
   m.routed_scaling = 1.0  # Factor on the routed output.
   m.balance_rate = 1e-3  # Loss-free balancing bias step (DeepSeek-V3).
   m.balance_loss_weight = 1e-4  # Sequence-wise balance loss (DeepSeek-V3).
+  m.moe_impl = "auto"  # Grouped matmul: megablox kernels on TPU, ragged_dot elsewhere.
   m.mhc_alpha_init = 0.01  # alpha init.
   m.sinkhorn_iters = 20  # Sinkhorn-Knopp iterations.
   c.seq_len = 4096  # Tokens per sequence.

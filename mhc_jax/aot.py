@@ -9,6 +9,7 @@ two blocks, `bytes(L) = bytes(1) + (L - 1) * (bytes(2) - bytes(1))` (for an MoE 
 MoE blocks after its leading dense blocks).
 """
 
+import collections
 import copy
 import dataclasses
 import math
@@ -42,6 +43,19 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> Any:
   with nn.logical_axis_rules(sharding.LOGICAL_RULES):
     return train.jit_train_step(state_shard, batch_shard, config.microbatches).lower(
         state, {"inputs": tokens, "targets": tokens}).compile()
+
+
+# A fused kernel is a custom call named after it: `%gmm.4 = ... custom-call(...),
+# custom_call_target="tpu_custom_call"` (Pallas on TPU; "mosaic_gpu" and Triton's on GPU; cuDNN's
+# fused attention is "__cudnn$fmha...").
+_KERNEL_RE = re.compile(
+    r"%([A-Za-z_][A-Za-z0-9_]*?)(?:\.\d+)? = [^\n]*custom_call_target=\"(?:tpu_custom_call|"
+    r"mosaic_gpu[^\"]*|__gpu\$xla\.gpu\.triton|__cudnn\$fmha[^\"]*)\"")
+
+
+def fused_kernels(compiled) -> dict[str, int]:
+  """How many calls of each fused kernel (Pallas, cuDNN attention) the program makes, by name."""
+  return dict(collections.Counter(m.group(1) for m in _KERNEL_RE.finditer(compiled.as_text())))
 
 
 def collectives(compiled) -> dict[str, int]:
@@ -142,6 +156,7 @@ class CompileReport:
   roofline_step_s: float
   mfu: float
   collectives: dict[str, int]
+  kernels: dict[str, int]  # fused kernel calls (Pallas, cuDNN) in the compiled program, by name
   out_of_memory: bool = False  # the compiler refused it; temp is what it said it needed
 
   def lines(self) -> list[str]:
@@ -163,6 +178,7 @@ class CompileReport:
             "fit); the "
             "roofline below is compute-only"),
         f"collectives: {self.collectives or 'none'}",
+        f"fused kernels: {self.kernels or 'none'}",
         f"roofline step time {self.roofline_step_s * 1e3:.2f} ms, MFU {100 * self.mfu:.3g}%"
         + ("" if self.hbm_bytes_per_step is not None else " (compute only: an upper bound)"),
     ]
@@ -181,12 +197,13 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
         "yet apply the kernels through shard_map under a mesh, and the kernels pick their "
         "backend from the host, not the target. Use --config.model.mhc_impl=xla.")
   devices = compile_only_devices(target)
-  expert = config.mesh.get("expert", 1)
-  mesh_size = (config.mesh.data if config.mesh.data > 0 else 1) * expert * config.mesh.model
+  expert, fsdp = config.mesh.get("expert", 1), config.mesh.get("fsdp", 1)
+  mesh_size = (config.mesh.data if config.mesh.data > 0 else 1) * fsdp * expert * config.mesh.model
   if config.mesh.data > 0 and mesh_size != len(devices):
-    raise ValueError(f"config.mesh.data={config.mesh.data} x config.mesh.expert={expert} x "
-                     f"config.mesh.model={config.mesh.model} = {mesh_size} does not match the "
-                     f"{len(devices)} chips of --target={target.name}; set config.mesh.data=-1.")
+    raise ValueError(f"config.mesh.data={config.mesh.data} x config.mesh.fsdp={fsdp} x "
+                     f"config.mesh.expert={expert} x config.mesh.model={config.mesh.model} = "
+                     f"{mesh_size} does not match the {len(devices)} chips of "
+                     f"--target={target.name}; set config.mesh.data=-1.")
   start = time.perf_counter()
   try:
     compiled = compile_train_step(config, devices)
@@ -222,4 +239,5 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
       fits=compiled is not None and per_device["total"] <= chip.hbm_bytes, flops_per_step=flops,
       hbm_bytes_per_step=hbm, roofline_step_s=step_s, mfu=compute_s / step_s,
       collectives=collectives(compiled) if compiled is not None else {},
+      kernels=fused_kernels(compiled) if compiled is not None else {},
       out_of_memory=compiled is None)

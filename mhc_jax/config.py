@@ -5,6 +5,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from mhc_jax.attention import IMPLS as ATTENTION_IMPLS
+from mhc_jax.grouped_matmul import IMPLS as MOE_IMPLS
 from mhc_jax.permutations import MAX_STREAMS as MAX_LITE_STREAMS
 
 CONNECTIONS = ("residual", "hc", "mhc", "mhc_lite")
@@ -44,6 +46,8 @@ class ModelConfig:
   scan_layers: bool = True  # nn.scan over blocks; False unrolls a Python loop (for tests).
   # Attention: grouped-query (gqa) or DeepSeek's multi-head latent attention (mla).
   attention: str = "gqa"  # gqa | mla.
+  # How attention runs: auto (TPU splash kernel, GPU cuDNN flash, else XLA), xla, cudnn, splash.
+  attention_impl: str = "auto"
   q_lora_rank: int = 0  # MLA query compression rank; 0 projects queries at full rank.
   kv_lora_rank: int = 512  # MLA key-value compression rank.
   qk_nope_dim: int = 128  # MLA per-head query/key width without RoPE.
@@ -58,6 +62,9 @@ class ModelConfig:
   routed_scaling: float = 1.0  # Factor on the routed experts' output.
   balance_rate: float = 1e-3  # gamma: step of the loss-free balancing bias per train step.
   balance_loss_weight: float = 0.0  # Weight of the sequence-wise balance loss (0 = off).
+  # Grouped matmul of the experts: auto (megablox kernels on TPU, ragged_dot elsewhere),
+  # ragged_dot or megablox (see grouped_matmul.py).
+  moe_impl: str = "auto"
 
   def __post_init__(self):
     for field in ("vocab_size", "d_model", "num_layers", "num_heads"):
@@ -90,6 +97,8 @@ class ModelConfig:
       _fail("mhc_impl", self.mhc_impl, "choose 'xla' or 'pallas'.")
     if self.remat_policy not in REMAT_POLICIES:
       _fail("remat_policy", self.remat_policy, f"choose one of {REMAT_POLICIES}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      _fail("attention_impl", self.attention_impl, f"choose one of {ATTENTION_IMPLS}.")
     if self.attention not in ATTENTIONS:
       _fail("attention", self.attention, f"choose one of {ATTENTIONS}.")
     if self.attention == "mla":
@@ -100,6 +109,8 @@ class ModelConfig:
         _fail("qk_rope_dim", self.qk_rope_dim, "must be even for RoPE.")
     if self.q_lora_rank < 0:
       _fail("q_lora_rank", self.q_lora_rank, "must be >= 0 (0 = no query compression).")
+    if self.moe_impl not in MOE_IMPLS:
+      _fail("moe_impl", self.moe_impl, f"choose one of {MOE_IMPLS}.")
     if self.num_experts < 0:
       _fail("num_experts", self.num_experts, "must be >= 0 (0 = dense MLPs only).")
     if self.num_experts:

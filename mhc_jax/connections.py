@@ -105,7 +105,7 @@ class MHCConnection(nn.Module):
     alpha_init = nn.initializers.constant(cfg.mhc_alpha_init)
     alpha = self.param("alpha", _logical(alpha_init, (None,)), (3,))
     phi = self.param("phi", _logical(
-        nn.initializers.normal((n * c) ** -0.5), (None, None)), (n * c, width))
+        nn.initializers.normal((n * c) ** -0.5), ("stream_embed", None)), (n * c, width))
     return Coefficients(*from_streams(x_BxSxNxC, phi, alpha, bias))
 
 
@@ -125,7 +125,7 @@ class ExitCollapse(nn.Module):
     alpha = self.param("alpha", _logical(nn.initializers.constant(cfg.mhc_alpha_init), ()), ())
     bias_N = self.param("bias", _logical(nn.initializers.zeros, ("streams",)), (n,))
     phi = self.param("phi", _logical(
-        nn.initializers.normal((n * c) ** -0.5), (None, None)), (n * c, n))
+        nn.initializers.normal((n * c) ** -0.5), ("stream_embed", None)), (n * c, n))
     r = rms_scale(x_BxSxNxC, cfg.mhc_eps, axis=(-2, -1))[..., 0]
     logits = alpha * project(x_BxSxNxC, phi) * r + bias_N
     w_BxSxN = jax.nn.sigmoid(logits) + cfg.mhc_eps

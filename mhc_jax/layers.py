@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mhc_jax.attention import attention_impl_for, causal_attention
 from mhc_jax.config import ModelConfig
 
 
@@ -47,8 +48,10 @@ def apply_rope(x_BxSxNxH: jax.Array, sin_SxH: jax.Array, cos_SxH: jax.Array) -> 
 
 
 class Attention(nn.Module):
-  """Causal grouped-query self-attention with RoPE, via `jax.nn.dot_product_attention`."""
+  """Causal grouped-query self-attention with RoPE, by `cfg.attention_impl` (attention.py);
+  `mesh`: the run's mesh, for the attention kernels' `shard_map`."""
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
   def __call__(self, x_BxSxC: jax.Array, sin_SxH: jax.Array, cos_SxH: jax.Array) -> jax.Array:
@@ -63,7 +66,10 @@ class Attention(nn.Module):
     q_BxSxNxH = apply_rope(proj("query", cfg.num_heads), sin_SxH, cos_SxH)
     k_BxSxKxH = apply_rope(proj("key", cfg.kv_heads), sin_SxH, cos_SxH)
     v_BxSxKxH = proj("value", cfg.kv_heads)
-    out_BxSxNxH = jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True)
+    # Init sees a one-row example batch; the parameters do not depend on the kernel.
+    impl = ("xla" if self.is_initializing() else
+            attention_impl_for(self.mesh, cfg.attention_impl, x_BxSxC.shape[1], dt))
+    out_BxSxNxH = causal_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, impl=impl, mesh=self.mesh)
     return nn.DenseGeneral(
         c, axis=(-2, -1), use_bias=False, dtype=dt, name="out",
         kernel_init=dense_init(c, ("heads", "kv", "embed")))(out_BxSxNxH)

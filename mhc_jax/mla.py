@@ -7,34 +7,27 @@
   v    = c_kv W_uv                          per head: v_head_dim
   out  = softmax(q k^T / sqrt(qk_nope_dim + qk_rope_dim), causal) v W_o
 
-Attention runs in XLA (`causal_attention`, scores materialised, softmax in float32):
-`jax.nn.dot_product_attention` needs equal query and value head widths, which MLA does not have.
+Attention runs by `model.attention_impl` (attention.py): with `auto`, TPU's splash kernel (head
+widths zero-padded to 256), GPU's cuDNN flash attention (values padded to the query width), else
+XLA with the scores materialised.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mhc_jax.attention import attention_impl_for, causal_attention
 from mhc_jax.config import ModelConfig
 from mhc_jax.layers import RMSNorm, apply_rope, dense_init
 
 
-def causal_attention(q_BxSxNxD: jax.Array, k_BxSxNxD: jax.Array, v_BxSxNxV: jax.Array
-                     ) -> jax.Array:
-  """Causal softmax attention with scale `1/sqrt(D)`; value width may differ from `D`."""
-  s = q_BxSxNxD.shape[1]
-  scores_BxNxSxS = jnp.einsum("bqnd,bknd->bnqk", q_BxSxNxD, k_BxSxNxD,
-                              preferred_element_type=jnp.float32)
-  scores_BxNxSxS = scores_BxNxSxS / jnp.sqrt(jnp.float32(q_BxSxNxD.shape[-1]))
-  causal_SxS = jnp.tril(jnp.ones((s, s), bool))
-  scores_BxNxSxS = jnp.where(causal_SxS, scores_BxNxSxS, -jnp.inf)
-  probs = jax.nn.softmax(scores_BxNxSxS, axis=-1).astype(v_BxSxNxV.dtype)
-  return jnp.einsum("bnqk,bknv->bqnv", probs, v_BxSxNxV)
-
-
 class MLA(nn.Module):
-  """Causal multi-head latent attention; `__call__(x (B, S, C), sin, cos) -> (B, S, C)`."""
+  """Causal multi-head latent attention; `__call__(x (B, S, C), sin, cos) -> (B, S, C)`.
+
+  `mesh`: the run's mesh, for the attention kernels' `shard_map` (attention.py).
+  """
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
   def __call__(self, x_BxSxC: jax.Array, sin_SxR: jax.Array, cos_SxR: jax.Array) -> jax.Array:
@@ -62,5 +55,8 @@ class MLA(nn.Module):
     q = jnp.concatenate([q_nope, apply_rope(q_rope, sin_SxR, cos_SxR)], axis=-1)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxSx1xR, k_nope.shape[:-1] + (rope,))],
                         axis=-1)
-    out_BxSxNxV = causal_attention(q, k, v_BxSxNxV)
+    # Init sees a one-row example batch; the parameters do not depend on the kernel.
+    impl = ("xla" if self.is_initializing() else
+            attention_impl_for(self.mesh, cfg.attention_impl, x_BxSxC.shape[1], dt))
+    out_BxSxNxV = causal_attention(q, k, v_BxSxNxV, impl=impl, mesh=self.mesh)
     return dense(c, h * dv, ("heads", "kv", "embed"), "out", axis=(-2, -1))(out_BxSxNxV)

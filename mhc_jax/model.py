@@ -77,7 +77,7 @@ class Block(nn.Module):
       stats.append(s)
       return y
 
-    sublayers = (("attn", lambda u: attention(cfg, name="attn")(u, sin_SxR, cos_SxR)),
+    sublayers = (("attn", lambda u: attention(cfg, self.mesh, name="attn")(u, sin_SxR, cos_SxR)),
                  ("mlp", moe_sublayer if self.moe else lambda u: SwiGLU(cfg, name="mlp")(u)))
     all_coeffs = []
     for k, (name, sublayer) in enumerate(sublayers):

@@ -9,12 +9,14 @@ Loss-free balancing: `b` gets no gradient. After each train step it moves by
 `gamma * sign(mean_load - load_e)`, toward the under-loaded experts (`apply_balance_update`). An
 optional sequence-wise balance loss is returned for the train step to add.
 
-Dropless: tokens are sorted by expert and multiplied by `jax.lax.ragged_dot` (grouped matmul),
-whatever the load. With an `expert` mesh axis > 1 the experts are split over it and tokens travel
-to their experts by `all_to_all` inside `shard_map` (`dispatch_expert_parallel`).
+Dropless: tokens are sorted by expert and multiplied group by group, whatever the load
+(`grouped_matmul.py`: the megablox kernels on TPU, `jax.lax.ragged_dot` elsewhere). With an
+`expert` mesh axis > 1 the experts are split over it and tokens travel to their experts by
+`all_to_all` inside `shard_map` (`dispatch_expert_parallel`).
 """
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -22,11 +24,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mhc_jax.config import ModelConfig
+from mhc_jax.grouped_matmul import grouped_matmul, impl_for
 from mhc_jax.layers import dense_init
+from mhc_jax.sharding import BATCH_AXES
 
 EXPERT_AXIS = "expert"
-BATCH_MESH_AXES = ("data", EXPERT_AXIS)  # mesh axes the batch is split over (sharding.py)
-EXPERT_FSDP_AXES = ("data", "model")  # mesh axes each expert's model dim C is split over
+EXPERT_FSDP_AXES = ("data", "fsdp", "model")  # mesh axes each expert's model dim C is split over
+GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x_AxK, w_GxKxN, sizes_G)
 
 
 class MoEStats(NamedTuple):
@@ -47,29 +51,31 @@ def route(x_TxC: jax.Array, router_CxE: jax.Array, bias_E: jax.Array, k: int
 
 
 def grouped_swiglu(x_AxC: jax.Array, group_sizes_E: jax.Array, w_in_ExCx2F: jax.Array,
-                   w_out_ExFxC: jax.Array) -> jax.Array:
+                   w_out_ExFxC: jax.Array, matmul: GroupedMatmul = grouped_matmul) -> jax.Array:
   """SwiGLU of rows sorted by expert, `group_sizes_E[e]` rows for expert `e`; rows past
-  `sum(group_sizes_E)` come out as zeros."""
+  `sum(group_sizes_E)` come out as zeros. `matmul`: a `grouped_matmul` (default: ragged_dot)."""
   f = w_out_ExFxC.shape[1]
-  h_Ax2F = jax.lax.ragged_dot(x_AxC, w_in_ExCx2F.astype(x_AxC.dtype), group_sizes_E)
+  h_Ax2F = matmul(x_AxC, w_in_ExCx2F, group_sizes_E)
   h_AxF = nn.silu(h_Ax2F[:, :f]) * h_Ax2F[:, f:]
-  return jax.lax.ragged_dot(h_AxF, w_out_ExFxC.astype(x_AxC.dtype), group_sizes_E)
+  return matmul(h_AxF, w_out_ExFxC, group_sizes_E)
 
 
-def dispatch_local(x_TxC, expert_TxK, gate_TxK, w_in_ExCx2F, w_out_ExFxC) -> jax.Array:
+def dispatch_local(x_TxC, expert_TxK, gate_TxK, w_in_ExCx2F, w_out_ExFxC,
+                   matmul: GroupedMatmul = grouped_matmul) -> jax.Array:
   """`sum_k gate * FFN_expert(x)` per token with every expert on this device."""
   k = expert_TxK.shape[1]
   num_experts = w_in_ExCx2F.shape[0]
   order_A = jnp.argsort(expert_TxK.reshape(-1), stable=True)
   token_A = order_A // k
   sizes_E = jnp.zeros(num_experts, jnp.int32).at[expert_TxK.reshape(-1)].add(1)
-  y_AxC = grouped_swiglu(x_TxC[token_A], sizes_E, w_in_ExCx2F, w_out_ExFxC)
+  y_AxC = grouped_swiglu(x_TxC[token_A], sizes_E, w_in_ExCx2F, w_out_ExFxC, matmul)
   y_AxC = y_AxC * gate_TxK.reshape(-1)[order_A, None].astype(y_AxC.dtype)
   return jnp.zeros_like(x_TxC).at[token_A].add(y_AxC)
 
 
 def dispatch_expert_parallel(x_TxC, expert_TxK, gate_TxK, w_in_ExCx2F, w_out_ExFxC, *,
-                             axis: str = EXPERT_AXIS) -> tuple[jax.Array, jax.Array]:
+                             axis: str = EXPERT_AXIS, matmul: GroupedMatmul = grouped_matmul
+                             ) -> tuple[jax.Array, jax.Array]:
   """`dispatch_local` inside `shard_map` with this device's slice of the experts.
 
   Each device sorts its token-expert assignments by expert and sends device `d` the rows for
@@ -99,7 +105,7 @@ def dispatch_expert_parallel(x_TxC, expert_TxK, gate_TxK, w_in_ExCx2F, w_out_ExF
   recv_e = jax.lax.all_to_all(send_e_DxA, axis, 0, 0).reshape(-1)
   order_R = jnp.argsort(recv_e, stable=True)
   sizes_E = jnp.zeros(local_experts + 1, jnp.int32).at[recv_e].add(1)[:local_experts]
-  y_sorted = grouped_swiglu(recv_x[order_R], sizes_E, w_in_ExCx2F, w_out_ExFxC)
+  y_sorted = grouped_swiglu(recv_x[order_R], sizes_E, w_in_ExCx2F, w_out_ExFxC, matmul)
   y_RxC = jnp.zeros_like(y_sorted).at[order_R].set(y_sorted)
   back_DxAxC = jax.lax.all_to_all(y_RxC.reshape(num_shards, a, -1), axis, 0, 0)
 
@@ -145,13 +151,18 @@ class MoE(nn.Module):
 
     expert_BxSxK, gate_BxSxK, affinity_BxSxE = route(u_BxSxC, router_CxE, bias_E, k)
     gate_BxSxK = gate_BxSxK * cfg.routed_scaling
+    # The devices the step is built for choose the grouped matmul, not the host.
+    platform = (self.mesh.devices.flat[0].platform if self.mesh is not None
+                else jax.default_backend())
+    matmul = functools.partial(grouped_matmul, impl=impl_for(platform, cfg.moe_impl, (c, f)),
+                               interpret=platform == "cpu")
     # Init sees a one-row example batch; the parameters do not depend on the dispatch.
     if self.mesh is None or self.mesh.size == 1 or self.is_initializing():
       routed_TxC = dispatch_local(u_BxSxC.reshape(b * s, c), expert_BxSxK.reshape(b * s, k),
-                                  gate_BxSxK.reshape(b * s, k), w_in_ExCx2F, w_out_ExFxC)
+                                  gate_BxSxK.reshape(b * s, k), w_in_ExCx2F, w_out_ExFxC, matmul)
       routed_BxSxC, dropped = routed_TxC.reshape(b, s, c), jnp.zeros((), jnp.float32)
     else:
-      routed_BxSxC, dropped = _shard_mapped_dispatch(self.mesh)(
+      routed_BxSxC, dropped = _shard_mapped_dispatch(self.mesh, matmul)(
           u_BxSxC, expert_BxSxK, gate_BxSxK, w_in_ExCx2F, w_out_ExFxC)
 
     y_BxSxC = routed_BxSxC
@@ -173,11 +184,11 @@ class MoE(nn.Module):
     return y_BxSxC.astype(dt), stats
 
 
-def _shard_mapped_dispatch(mesh):
+def _shard_mapped_dispatch(mesh, matmul: GroupedMatmul):
   """`dispatch_expert_parallel` over the mesh: batch over `data` and `expert`, experts over
   `expert`. Each expert's weights are also split over `data` and `model` (ZeRO-3 style) and
   gathered just before use, so their gradients come back reduce-scattered."""
-  batch = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
+  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
   fsdp = tuple(a for a in EXPERT_FSDP_AXES if a in mesh.axis_names)
 
   def body(u_BxSxC, expert_BxSxK, gate_BxSxK, w_in, w_out):
@@ -187,7 +198,7 @@ def _shard_mapped_dispatch(mesh):
     w_out = jax.lax.all_gather(w_out, fsdp, axis=2, tiled=True)
     out_TxC, computed = dispatch_expert_parallel(
         u_BxSxC.reshape(b * s, c), expert_BxSxK.reshape(b * s, k), gate_BxSxK.reshape(b * s, k),
-        w_in, w_out)
+        w_in, w_out, matmul=matmul)
     assigned = jax.lax.psum(b * s * k, batch)
     return out_TxC.reshape(b, s, c), 1.0 - jax.lax.psum(computed, batch) / assigned
 

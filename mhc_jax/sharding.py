@@ -1,10 +1,17 @@
 """Device mesh and the logical-axis rules that map parameter/activation names onto it.
 
-The mesh has axes `("data", "expert", "model")`: batch over `data` and `expert`; routed experts
-over `expert` (expert parallelism, `moe.py`) and each expert's weights over `data` and `model`;
-MLP hidden, heads and vocabulary over `model`. The
-streams axis of mHC is never sharded. Axes are `AxisType.Auto`, so the logical
-constraints inside the model (`nn.with_logical_constraint`) act as sharding hints under `jit`.
+The mesh has axes `("data", "fsdp", "expert", "model")`:
+- the batch is split over `data`, `fsdp` and `expert`;
+- `fsdp` also shards every parameter's model dimension C (logical `embed`), and with it the
+  optimizer state (ZeRO-3 / FSDP): XLA gathers each weight where it is used and reduce-scatters
+  its gradient. `data` replicates the parameters;
+- routed experts over `expert` (expert parallelism, `moe.py`), each expert's weights over `data`,
+  `fsdp` and `model`;
+- MLP hidden, heads and vocabulary over `model` (tensor parallelism).
+The streams axis of mHC is never sharded. A logical name whose mesh axis is already taken in the
+same array (an activation's `embed` once `batch` holds `fsdp`) stays unsharded. Axes are
+`AxisType.Auto`, so the logical constraints inside the model (`nn.with_logical_constraint`) act
+as sharding hints under `jit`.
 """
 
 import jax
@@ -12,14 +19,16 @@ from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "expert", "model")
+MESH_AXES = ("data", "fsdp", "expert", "model")
+BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over these
 LOGICAL_RULES = (
-    ("batch", ("data", "expert")),
+    ("batch", BATCH_AXES),
     ("exp", "expert"),
-    ("exp_embed", ("data", "model")),  # each expert's C, split ZeRO-3 style (moe.py)
+    ("exp_embed", ("data", "fsdp", "model")),  # each expert's C, split ZeRO-3 style (moe.py)
     ("length", None),
     ("streams", None),
-    ("embed", None),
+    ("embed", "fsdp"),
+    ("stream_embed", "fsdp"),  # the n*C rows of mHC's projection phi (a parameter)
     ("norm", None),
     ("layers", None),
     ("kv", None),
@@ -29,28 +38,29 @@ LOGICAL_RULES = (
 )
 
 
-def make_mesh(data: int = -1, model: int = 1, devices=None, *, expert: int = 1
+def make_mesh(data: int = -1, model: int = 1, devices=None, *, expert: int = 1, fsdp: int = 1
               ) -> jax.sharding.Mesh:
-  """A `(data, expert, model)` mesh over `devices` (default: all); `data=-1` takes what the other
-  axes leave.
+  """A `(data, fsdp, expert, model)` mesh over `devices` (default: all); `data=-1` takes what the
+  other axes leave.
 
   `devices` may be compile-only devices of a TPU or GPU topology (see `mhc_jax.targets`).
   """
   devices = jax.devices() if devices is None else list(devices)
   num = len(devices)
-  for name, size in (("model", model), ("expert", expert)):
+  for name, size in (("model", model), ("expert", expert), ("fsdp", fsdp)):
     if size < 1 or num % size:
       raise ValueError(f"mesh.{name}={size} must be >= 1 and divide the {num} devices.")
-  if num % (model * expert):
-    raise ValueError(f"mesh.expert={expert} x mesh.model={model} must divide the {num} devices.")
+  others = fsdp * expert * model
+  if num % others:
+    raise ValueError(f"mesh.fsdp={fsdp} x mesh.expert={expert} x mesh.model={model} must divide "
+                     f"the {num} devices.")
   if data == -1:
-    data = num // (model * expert)
-  if data * expert * model != num:
+    data = num // others
+  if data * others != num:
     raise ValueError(
-        f"mesh.data={data} x mesh.expert={expert} x mesh.model={model} = "
-        f"{data * expert * model} does not match the {num} devices; set mesh.data=-1 to use all "
-        "of them.")
-  shape, axis_types = (data, expert, model), (AxisType.Auto,) * 3
+        f"mesh.data={data} x mesh.fsdp={fsdp} x mesh.expert={expert} x mesh.model={model} = "
+        f"{data * others} does not match the {num} devices; set mesh.data=-1 to use all of them.")
+  shape, axis_types = (data, fsdp, expert, model), (AxisType.Auto,) * 4
   try:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
   except NotImplementedError:
@@ -60,28 +70,30 @@ def make_mesh(data: int = -1, model: int = 1, devices=None, *, expert: int = 1
 
 
 def mesh_from_config(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """`make_mesh` from a config's `mesh` fields (`expert` is optional and defaults to 1)."""
-  return make_mesh(mesh_cfg.data, mesh_cfg.model, devices, expert=mesh_cfg.get("expert", 1))
+  """`make_mesh` from a config's `mesh` fields (`expert` and `fsdp` are optional, default 1)."""
+  return make_mesh(mesh_cfg.data, mesh_cfg.model, devices, expert=mesh_cfg.get("expert", 1),
+                   fsdp=mesh_cfg.get("fsdp", 1))
 
 
 def batch_parallelism(mesh: jax.sharding.Mesh) -> int:
-  """How many ways the batch is split: `data x expert`."""
-  return mesh.shape["data"] * mesh.shape["expert"]
+  """How many ways the batch is split: `data x fsdp x expert`."""
+  return mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, microbatches: int = 1) -> None:
-  """Every microbatch must split evenly over the batch-parallel devices (`data x expert`)."""
+  """Every microbatch must split evenly over the batch-parallel devices (`data x fsdp x expert`)."""
   ways = batch_parallelism(mesh)
   if batch_size % (ways * microbatches):
     raise ValueError(
         f"config.batch_size={batch_size} must be divisible by microbatches={microbatches} x the "
         f"{ways} batch-parallel devices (mesh.data={mesh.shape['data']} x "
-        f"mesh.expert={mesh.shape['expert']}); change batch_size, microbatches or the mesh.")
+        f"mesh.fsdp={mesh.shape['fsdp']} x mesh.expert={mesh.shape['expert']}); change "
+        "batch_size, microbatches or the mesh.")
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Batches `(B, S)` split over `data` and `expert`."""
-  return NamedSharding(mesh, PartitionSpec(("data", "expert")))
+  """Batches `(B, S)` split over the batch axes."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:

@@ -59,15 +59,20 @@ def test_missing_compiler_names_the_install_command(target, install):
 
 @needs_cuda_plugin
 @pytest.mark.slow
-def test_train_step_compiles_for_h100(tmp_path):
-  """h100-mhc-smoke-float32: XLA:GPU and ptxas really run; the memory figures come back."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_train_step_compiles_for_h100(tmp_path, dtype):
+  """h100-mhc-smoke: XLA:GPU and ptxas really run; the memory figures come back. In bfloat16
+  `attention_impl=auto` is cuDNN's flash attention (forward and backward); in float32, XLA's."""
   out = tmp_path / "compile.json"
-  proc = _compile(CUDA_PYTHON, f"--config={SMOKE}", "--target=h100", f"--json={out}")
+  proc = _compile(CUDA_PYTHON, f"--config={SMOKE}", "--target=h100", f"--json={out}",
+                  f"--config.model.dtype={dtype}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["chips"] == 1 and report["fits"] and report["per_device_bytes"]["total"] > 0
   assert report["hbm_bytes_per_step"] is None  # XLA:GPU has no cost analysis
   assert "compute only" in proc.stdout
+  cudnn = {k for k in report["kernels"] if k.startswith("dot_product_attention")}
+  assert len(cudnn) == (2 if dtype == "bfloat16" else 0), report["kernels"]
 
 
 @needs_libtpu
@@ -122,31 +127,44 @@ print(json.dumps(xla))
   # The per-block difference isolates one block's FLOPs from the head and the optimizer. XLA
   # also counts the elementwise ops (norms, softmax, tanh): 2% more at the default shape.
   expected = ours_2 - ours_1
-  if "paper" in config:
-    # A known cost, not the model's: XLA:TPU lowers the weight gradients of `ragged_dot` densely
-    # over the (here 16) experts on a chip, so the two expert weight gradients (6 R C F FLOPs for
-    # R routed rows) are counted 16 times instead of once (docs/paper_models.md).
-    from launch.cli import load_config  # pylint: disable=g-import-not-at-top
-    c = load_config(config)
-    m = c.model
-    rows = c.batch_size * c.seq_len * m.experts_per_token
-    expected += (m.num_experts - 1) * 6 * rows * m.d_model * m.expert_dim
+  # The paper model's grouped matmuls are the megablox kernels here (a TPU target), which count
+  # the routed rows only. (XLA's own `ragged_dot` counts its weight gradients densely over the
+  # 16 experts of a chip: 2.7x this block's FLOPs; docs/paper_models.md.)
   assert expected == pytest.approx(xla_2 - xla_1, rel=0.05)
 
 
 @needs_libtpu
 @pytest.mark.slow
 def test_expert_parallel_moe_compiles_for_v5p(tmp_path):
-  """v5p-8-paper-smoke-float32, mesh data 1 x expert 4: MoE + MLA + mHC through XLA:TPU, with
-  the expert dispatch as all-to-alls and the ZeRO-3 expert weights gathered."""
+  """v5p-8-paper-tiny-bfloat16, mesh data 1 x expert 4: MoE + MLA + mHC through XLA:TPU, with
+  the expert dispatch as all-to-alls and the grouped matmuls as the megablox kernels (the target,
+  not this CPU host, picks them)."""
   out = tmp_path / "compile.json"
-  proc = _compile(TPU_PYTHON, "--config=configs/paper.py:smoke", "--target=v5p-8",
+  proc = _compile(TPU_PYTHON, "--config=configs/paper.py:tiny", "--target=v5p-8",
                   "--config.mesh.expert=4", "--config.microbatches=2", "--config.batch_size=8",
                   f"--json={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["fits"] and report["hbm_bytes_per_step"] > 0
   assert report["collectives"].get("all-to-all", 0) >= 4, report["collectives"]
+  # Forward: two gmm per MoE layer; backward: two gmm (input gradients) and two tgmm (weights).
+  assert report["kernels"].get("gmm", 0) >= 4 and report["kernels"].get("tgmm", 0) >= 2, (
+      report["kernels"])
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_splash_attention_compiles_for_v5p_under_the_mesh(tmp_path):
+  """v5p-8-smoke-seq256-float32: `attention_impl=auto` gives the TPU splash kernels, forward and
+  backward, inside shard_map on the 4-chip data-parallel mesh."""
+  out = tmp_path / "compile.json"
+  proc = _compile(TPU_PYTHON, f"--config={SMOKE}", "--target=v5p-8", "--nobytes",
+                  "--config.seq_len=256", "--config.model.d_model=128",
+                  "--config.model.num_heads=1", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  kernels = json.loads(out.read_text())["kernels"]
+  for name in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+    assert any(k.startswith(name) for k in kernels), kernels
 
 
 @needs_libtpu
@@ -175,7 +193,7 @@ print(dict(sharding.make_mesh(-1, 1, devices, expert=8).shape))
                         text=True, timeout=300, check=False,
                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.strip().splitlines()[-1] == "{'data': 8, 'expert': 8, 'model': 1}"
+  assert proc.stdout.strip().splitlines()[-1] == "{'data': 8, 'fsdp': 1, 'expert': 8, 'model': 1}"
 
 
 @needs_libtpu

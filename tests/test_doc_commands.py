@@ -49,7 +49,10 @@ def doc_commands() -> list[tuple[str, list[str], str]]:
 
 
 def _smoke(module: str, args: list[str]) -> list[str]:
-  """`args` with the config's `smoke` variant appended (train and study only)."""
+  """`args` with the config's `smoke` variant appended (train and study only); the pod launcher
+  as a dry run (it would create Cloud TPUs)."""
+  if module == "tpu_pod":
+    return ["--dry_run", *args]
   if module not in SMOKE_CONFIG:
     return args
   if not any(a.startswith("--config=") for a in args):
@@ -77,6 +80,8 @@ def _check_outputs(module: str, args: list[str], cwd: Path, stdout: str) -> None
     assert Path(cwd / stdout.strip().splitlines()[-1]).is_file()
   elif module == "compile":
     assert "roofline step time" in stdout, stdout[-2000:]
+  elif module == "tpu_pod":
+    assert "gcloud compute tpus tpu-vm" in stdout, stdout[-2000:]
   elif module == "sample":
     assert stdout.startswith(_flag(args, "prompt") or "def "), stdout[:200]
 

@@ -1,0 +1,92 @@
+"""Causal attention: XLA and the splash kernel (interpreted) against a float64 reference."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from mhc_jax.attention import causal_attention, impl_for
+
+
+def _reference(q, k, v):
+  """float64 numpy causal softmax attention, GQA heads grouped, scale 1/sqrt(D)."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  groups = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+  s = q.shape[1]
+  scores = np.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(np.tril(np.ones((s, s), bool)), scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bnqk,bknv->bqnv", probs, v)
+
+
+def _vjp_reference(q, k, v, ct):
+  """Gradients of `sum(ct * attention)` by jax in float64 (the forward is checked separately)."""
+  with jax.enable_x64(True):
+    args = [np.asarray(a, np.float64) for a in (q, k, v)]
+    _, vjp = jax.vjp(lambda *a: causal_attention(*a, impl="xla"), *args)
+    return vjp(np.asarray(ct, np.float64))
+
+
+class AttentionTest(parameterized.TestCase):
+
+  @parameterized.product(
+      impl=("xla", "splash"),
+      # GQA with a head width padded to 128 for splash; MLA-like unequal query and value widths.
+      widths=((4, 2, 64, 64), (2, 2, 48, 32)))
+  def test_matches_float64_reference(self, impl, widths):
+    n, kv_heads, d, v_width = widths
+    keys = jax.random.split(jax.random.key(0), 4)
+    b, s = 2, 128
+    q = jax.random.normal(keys[0], (b, s, n, d))
+    k = jax.random.normal(keys[1], (b, s, kv_heads, d))
+    v = jax.random.normal(keys[2], (b, s, kv_heads, v_width))
+    ct = jax.random.normal(keys[3], (b, s, n, v_width))
+    out, vjp = jax.vjp(lambda *a: causal_attention(*a, impl=impl), q, k, v)
+    np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-5, atol=1e-5)
+    for got, want in zip(vjp(ct), _vjp_reference(q, k, v, ct)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+  def test_auto_follows_the_target_and_the_shapes(self):
+    self.assertEqual(impl_for("tpu", "auto", 4096), "splash")
+    self.assertEqual(impl_for("tpu", "auto", 100), "xla")  # splash needs 128-multiples
+    self.assertEqual(impl_for("gpu", "auto", 4096), "cudnn")
+    self.assertEqual(impl_for("gpu", "auto", 4096, "float32"), "xla")  # cuDNN: 16-bit only
+    self.assertEqual(impl_for("cpu", "auto", 4096), "xla")
+    self.assertEqual(impl_for("cpu", "splash", 4096), "splash")
+    with self.assertRaisesRegex(ValueError, "attention_impl='flash'"):
+      impl_for("tpu", "flash", 4096)
+
+
+def _sharded_child():
+  """Runs in a subprocess with 4 CPU devices: splash in shard_map (batch over data, heads over
+  model) against splash on one device; prints the largest difference."""
+  jax.config.update("jax_num_cpu_devices", 4)
+  from mhc_jax import sharding  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (2, 128, 4, 64))
+  k = jax.random.normal(keys[1], (2, 128, 2, 64))
+  v = jax.random.normal(keys[2], (2, 128, 2, 32))
+  mesh = sharding.make_mesh(2, 2)
+  f = lambda m: jax.jit(lambda *a: causal_attention(*a, impl="splash", mesh=m))(q, k, v)
+  print(float(np.max(np.abs(f(mesh) - f(None)))))
+
+
+class ShardedAttentionTest(absltest.TestCase):
+
+  def test_splash_in_shard_map_equals_one_device(self):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import tests.test_attention as t; t._sharded_child()"],
+        cwd=repo, capture_output=True, text=True, check=False,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertLess(float(proc.stdout.strip().splitlines()[-1]), 1e-5)
+
+
+if __name__ == "__main__":
+  absltest.main()
