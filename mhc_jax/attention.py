@@ -9,8 +9,8 @@ differ from `D` (MLA). `model.attention_impl`:
 - `splash`: the Pallas splash-attention kernel that ships with JAX for TPU
   (`jax.experimental.pallas.ops.tpu.splash_attention`), with its backward kernels. Mosaic kernels
   cannot be partitioned by XLA, so on a mesh it runs inside `shard_map`: batch over the batch
-  axes, heads over `model`. Needs `S` to be a multiple of 128; head widths are zero-padded to one
-  multiple of 128 (which changes no value). On CPU it is interpreted.
+  axes, heads over `model`. Needs `S` to be a multiple of 128; values narrower than the queries
+  are zero-padded to their width (which changes no value). On CPU it is interpreted.
 - `auto`: splash on TPU when `S` allows, cuDNN on GPU in bfloat16/float16, XLA elsewhere. The
   platform is that of the devices the step is built for, not the host's.
 """
@@ -66,13 +66,13 @@ def _splash_kernel(heads: int, seq_len: int, interpret: bool):
 
 def _splash_local(q_BxSxNxD, k_BxSxKxD, v_BxSxKxV, interpret: bool):
   """Splash on this device's batch rows and heads; GQA's key/value heads repeated to `N`, head
-  widths zero-padded to `W`, a multiple of 128."""
+  widths zero-padded to `W`, the wider of the query and value widths."""
   _, s, n, d = q_BxSxNxD.shape
   v_width = v_BxSxKxV.shape[-1]
   if s % LANES:
     raise ValueError(f"model.attention_impl='splash' needs seq_len to be a multiple of {LANES} "
                      f"(got {s}); use model.attention_impl='auto'.")
-  w = -(-max(d, v_width) // LANES) * LANES
+  w = max(d, v_width)
   groups = n // k_BxSxKxD.shape[2]
 
   def heads_first(t_BxSxHxX, repeat):  # (B, N, S, W)

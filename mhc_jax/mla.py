@@ -7,8 +7,8 @@
   v    = c_kv W_uv                          per head: v_head_dim
   out  = softmax(q k^T / sqrt(qk_nope_dim + qk_rope_dim), causal) v W_o
 
-Attention runs by `model.attention_impl` (attention.py): with `auto`, TPU's splash kernel (head
-widths zero-padded to 256), GPU's cuDNN flash attention (values padded to the query width), else
+Attention runs by `model.attention_impl` (attention.py): with `auto`, TPU's splash kernel (values
+zero-padded to the query width), GPU's cuDNN flash attention (values padded to the query width), else
 XLA with the scores materialised.
 """
 

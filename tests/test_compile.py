@@ -114,6 +114,9 @@ xla = []
 for layers in {layers}:
   c = cfg.copy_and_resolve_references()
   c.model.num_layers, c.model.scan_layers = layers, False
+  # XLA's attention, whose FLOPs XLA counts itself; splash's are the kernel's own estimate,
+  # which skips the masked blocks while flops.py counts the whole S x S.
+  c.model.attention_impl = "xla"
   xla.append(aot.compile_train_step(c, devices).cost_analysis()["flops"] * len(devices))
   ours = flops.train_flops_per_step(ModelConfig.from_dict(c.model), c.seq_len, c.batch_size)
   xla.append(ours)
