@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.mhc_impl = "xla"  # xla | pallas.
   c.model.attention_impl = "auto"  # auto (TPU splash, GPU cuDNN, else XLA) | xla | cudnn | splash.
   c.model.remat_policy = "none"  # none | full | dots | mhc_block.
+  c.model.recompute_blocks = 1  # Blocks per recomputed group (L_r); 0 = the optimum.
   c.model.scan_layers = True  # nn.scan over blocks.
 
   c.optimizer = ml_collections.ConfigDict()

@@ -43,6 +43,9 @@ class ModelConfig:
   mhc_impl: str = "xla"  # xla | pallas (fused kernels; falls back to xla if C % 128 != 0).
   hc_scale: float = 0.01  # s of the dynamic HC terms (Zhu et al.).
   remat_policy: str = "none"  # none | full | dots | mhc_block (paper's block recompute).
+  # Blocks per recomputed group (the paper's L_r, counted in blocks of 2 sublayers; see
+  # recompute.py); 0 picks the optimum sqrt(nL / (2(n+2))) per stack. Needs a remat_policy.
+  recompute_blocks: int = 1
   scan_layers: bool = True  # nn.scan over blocks; False unrolls a Python loop (for tests).
   # Attention: grouped-query (gqa) or DeepSeek's multi-head latent attention (mla).
   attention: str = "gqa"  # gqa | mla.
@@ -97,6 +100,15 @@ class ModelConfig:
       _fail("mhc_impl", self.mhc_impl, "choose 'xla' or 'pallas'.")
     if self.remat_policy not in REMAT_POLICIES:
       _fail("remat_policy", self.remat_policy, f"choose one of {REMAT_POLICIES}.")
+    if self.recompute_blocks < 0:
+      _fail("recompute_blocks", self.recompute_blocks,
+            "must be >= 0 (blocks per recomputed group; 0 picks the optimum).")
+    if self.recompute_blocks != 1 and self.remat_policy == "none":
+      _fail("recompute_blocks", self.recompute_blocks,
+            "groups blocks for recompute; set remat_policy='mhc_block' (or full/dots) too.")
+    if self.recompute_blocks != 1 and not self.scan_layers:
+      _fail("recompute_blocks", self.recompute_blocks,
+            "groups scanned blocks; set scan_layers=True or recompute_blocks=1.")
     if self.attention_impl not in ATTENTION_IMPLS:
       _fail("attention_impl", self.attention_impl, f"choose one of {ATTENTION_IMPLS}.")
     if self.attention not in ATTENTIONS:

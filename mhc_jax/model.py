@@ -22,12 +22,13 @@ from mhc_jax.connections import Coefficients, ExitCollapse, make_connection
 from mhc_jax.layers import Attention, RMSNorm, SwiGLU, dense_init, rope_tables
 from mhc_jax.mla import MLA
 from mhc_jax.moe import MoE
+from mhc_jax.recompute import block_groups, optimal_group
 from mhc_jax.streams import expand_streams, post_res_mix, pre_mix
 
 STREAM_AXES = ("batch", "length", "streams", "embed")
 
 # Remat policies by config name. `mhc_block` is the paper's block recompute (spec §8) with
-# L_r = one block (2 sublayers): it keeps the sublayers' projection outputs (dots without batch
+# L_r = one block (2 sublayers; `recompute_blocks` groups more, see recompute.py): it keeps the sublayers' projection outputs (dots without batch
 # dims) and their outputs `y`, and rebuilds the n-stream tensors, norms and other elementwise
 # values from the block input in the backward pass. (A name-based "save all but the streams"
 # policy does not work here: the streams are also residuals of the custom VJPs in `streams.py`,
@@ -125,7 +126,12 @@ class DecoderLM(nn.Module):
                                      ("moe_blocks", True, dense_blocks, cfg.moe_blocks)):
       if not length:
         continue
-      if cfg.scan_layers:
+      group = min(length, cfg.recompute_blocks or optimal_group(cfg.n_streams, length))
+      if cfg.scan_layers and group > 1 and not self.is_initializing():
+        stack = block_groups(Block, (cfg, impl, return_coeffs, moe, self.mesh), length, group,
+                             REMAT_POLICIES[cfg.remat_policy], name=name)
+        x_BxSxNxC, out = stack(x_BxSxNxC, jnp.arange(start, start + length), sin_SxR, cos_SxR)
+      elif cfg.scan_layers:
         stack = nn.scan(
             block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast), length=length,
