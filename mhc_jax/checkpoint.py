@@ -3,10 +3,17 @@
 Layout: `<workdir>/checkpoints/<step>/{state, data_iter, config}`. Saves are asynchronous and
 the manager keeps the newest `keep` steps; a save only becomes visible once complete, so a crash
 mid-save leaves the previous checkpoint intact.
+
+Resume is elastic: a checkpoint saved on one mesh or process count restores on another. Orbax
+reads the arrays into the new run's shardings, and the data position, which grain saves once per
+process, is the global step in every process's file (`data.train_dataset`), so any of them
+serves a run with another process count.
 """
 
+import json
 import logging
 import os
+import re
 from typing import Any
 
 import grain
@@ -53,13 +60,45 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: st
         "or the checkpoint's settings, to resume.")
 
 
+def _warn_if_data_order_changes(saved: dict, config: ml_collections.ConfigDict, step: int) -> None:
+  """The saved position is a step of the global batch order, which these fields define."""
+  pairs = [(k, saved.get(k), config.get(k)) for k in ("batch_size", "seq_len", "seed")]
+  pairs.append(("data.dir", saved.get("data", {}).get("dir"), config.data.get("dir")))
+  changed = [f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in pairs if a != b]
+  if changed:
+    logging.warning("resuming step %d with %s: the steps that follow read other examples than "
+                    "the saved run would have.", step, ", ".join(changed))
+
+
+def restore_data_position(step_dir: os.PathLike, data_iter: Any) -> None:
+  """Sets `data_iter` to the position saved in `step_dir`, whatever process count saved it.
+
+  grain writes `data_iter/process_<p>-of-<P>.json` per process. This process's own file is used
+  when the process count is unchanged; otherwise the saved files must all hold one position,
+  which holds for `data.train_dataset` (its position is the global step).
+  """
+  saved_dir = os.path.join(step_dir, "data_iter")
+  names = sorted(f for f in os.listdir(saved_dir) if re.fullmatch(r"process_\d+-of-\d+\.json", f))
+  own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  positions = {}
+  for name in ([own] if own in names else names):
+    with open(os.path.join(saved_dir, name)) as f:
+      positions[name] = json.load(f)
+  if len({json.dumps(v, sort_keys=True) for v in positions.values()}) != 1:
+    raise ValueError(
+        f"{saved_dir} holds no single data position to resume on {jax.process_count()} "
+        f"process(es): {positions or 'no process_<p>-of-<P>.json file'}. Resume with the "
+        "process count that saved it.")
+  data_iter.set_state(next(iter(positions.values())))
+  data_iter.start_prefetch()
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter: Any) -> Any:
-  """Returns the restored state; `data_iter` is restored in place."""
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-  ))
-  return restored.state
+  """Returns the state restored into `abstract_state`'s shardings; `data_iter` is set in place."""
+  state = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state))).state
+  restore_data_position(mngr.directory / str(step), data_iter)  # Orbax's default step names
+  return state
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Any,
@@ -78,6 +117,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: 
       failures.append((step, e))
       continue
     check_compatible(saved, config, workdir)
+    _warn_if_data_order_changes(saved, config, step)
     try:
       return restore(mngr, step, abstract_state, data_iter), step
     except Exception as e:  # pylint: disable=broad-except

@@ -22,7 +22,8 @@ the train state through Orbax:
       data_iter=grain.checkpoint.CheckpointRestore(train_iter)))
   train_iter = restored.data_iter  # the same object, now at the saved position
 
-Each process writes `process_<p>-of-<P>.json`, so a restore needs the same process count.
+Each process writes `process_<p>-of-<P>.json`, all holding the same `next_index`, so a run with
+another process count resumes from any of them (`checkpoint.restore_data_position`).
 
 Evaluation: `eval_dataset` is a finite, unshuffled `grain.MapDataset` of batches over the val
 split (`len()` batches, `ds[i]`, re-iterable); `diagnostic_batch` is its first batch.
