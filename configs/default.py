@@ -70,6 +70,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1  # FSDP devices: batch splits, parameters and optimizer state shard (ZeRO-3).
   c.mesh.expert = 1  # Expert-parallel devices (MoE models, configs/paper.py); batch splits too.
   c.mesh.model = 1  # Tensor-parallel devices.
+  c.mesh.stage = 1  # Pipeline stages: the blocks split over them (dense models).
+
+  c.pipeline = ml_collections.ConfigDict()  # Used when mesh.stage > 1 (mhc_jax/pipeline.py).
+  c.pipeline.microbatches = 1  # Microbatches in flight through the stages.
+  c.pipeline.schedule = "gpipe"  # gpipe | circular (each microbatch passes the ring `repeats` times).
+  c.pipeline.repeats = 1  # Chunks per stage (circular: >= 2).
+  c.pipeline.overlap_sends = False  # True: send while computing the next microbatch (fill x2).
 
   for variant in filter(None, (arg or "").split(",")):
     _apply_variant(c, variant.strip())

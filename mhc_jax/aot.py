@@ -36,6 +36,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> Any:
   """The compiled train step of `config` on a mesh of `devices` (compile-only devices work)."""
   mesh = sharding.mesh_from_config(config.mesh, devices)
   sharding.check_batch_size(config.batch_size, mesh, config.microbatches)
+  train.check_pipeline(config, mesh)
   state, state_shard = train.build_abstract_state(config, mesh)
   batch_shard = sharding.batch_sharding(mesh)
   tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32,
@@ -64,6 +65,31 @@ def collectives(compiled) -> dict[str, int]:
   for match in _COLLECTIVE_RE.finditer(compiled.as_text()):
     counts[match.group(1)] += 1
   return {k: v for k, v in counts.items() if v}
+
+
+_SEND_START_RE = re.compile(r"%(\S+) = .*\scollective-permute-start\(")
+_SEND_DONE_RE = re.compile(r"\scollective-permute-done\(%([^),\s]+)")
+_COMPUTE_RE = re.compile(r"\s(fusion|convolution|dot|custom-call)\(")
+
+
+def overlapped_sends(hlo_text: str) -> list[int]:
+  """For each async `collective-permute` of a compiled (scheduled) program, the compute
+  instructions (fusions, convolutions, dots, custom calls) scheduled between its start and done.
+
+  A synchronous `collective-permute` counts as -1: nothing can overlap it.
+  """
+  open_sends: dict[str, int] = {}
+  between = []
+  for line in hlo_text.splitlines():
+    if (start := _SEND_START_RE.search(line)) is not None:
+      open_sends[start.group(1)] = 0
+    elif (done := _SEND_DONE_RE.search(line)) is not None:
+      between.append(open_sends.pop(done.group(1)))
+    elif re.search(r"\scollective-permute\(", line):
+      between.append(-1)
+    elif _COMPUTE_RE.search(line):
+      open_sends = {name: n + 1 for name, n in open_sends.items()}
+  return between
 
 
 def _bytes_accessed(config: ml_collections.ConfigDict, devices: list,
@@ -122,12 +148,15 @@ def _param_bytes(config: ml_collections.ConfigDict, devices: list) -> float:
 def hbm_bytes_per_step(config: ml_collections.ConfigDict, devices: list) -> float | None:
   """Per-device HBM bytes of one step, extrapolated from unrolled builds with one and two blocks
   of the repeated kind (after the leading dense blocks of an MoE model); None where the compiler
-  gives no cost analysis (XLA:GPU) or the small builds do not fit either.
+  gives no cost analysis (XLA:GPU), the small builds do not fit either, or the model is
+  pipelined (`mesh.stage > 1`).
 
   With `microbatches = k` the builds run one microbatch, and the step is counted as `k` times
   their forward and backward (their bytes less those of a separately built optimizer update),
   plus `k` reads and writes of the float32 gradient accumulator, plus one optimizer update.
   """
+  if config.mesh.get("stage", 1) > 1:
+    return None  # the 1- and 2-block builds cannot split over the stages
   lead = config.model.get("dense_blocks", 0) if config.model.get("num_experts", 0) else 0
   one = _bytes_accessed(config, devices, lead + 1)
   two = None if one is None else _bytes_accessed(config, devices, lead + 2)
@@ -158,6 +187,10 @@ class CompileReport:
   collectives: dict[str, int]
   kernels: dict[str, int]  # fused kernel calls (Pallas, cuDNN) in the compiled program, by name
   out_of_memory: bool = False  # the compiler refused it; temp is what it said it needed
+  pipeline: str | None = None  # stages, schedule, microbatches, bubble fraction
+  # Per stage-to-stage send (collective-permute): compute ops between its start and done (-1:
+  # synchronous). Only meaningful for a pipelined model.
+  pipeline_sends: list[int] = dataclasses.field(default_factory=list)
 
   def lines(self) -> list[str]:
     gib = lambda b: f"{b / 2**30:.2f} GiB"
@@ -174,11 +207,12 @@ class CompileReport:
         f"FLOPs per step (analytic, all devices): {self.flops_per_step:.4g}",
         "HBM bytes per step per device (XLA cost analysis, scan extrapolated): " + (
             f"{self.hbm_bytes_per_step:.4g}" if self.hbm_bytes_per_step is not None else
-            "not measured (--nobytes, no cost analysis on this target, or even one block does not "
-            "fit); the "
-            "roofline below is compute-only"),
+            "not measured (--nobytes, no cost analysis on this target, a pipelined model, or "
+            "even one block does not fit); the roofline below is compute-only"),
         f"collectives: {self.collectives or 'none'}",
         f"fused kernels: {self.kernels or 'none'}",
+        *([f"{self.pipeline}; sends: {len(self.pipeline_sends)} collective-permutes, compute "
+           f"ops between start and done: {self.pipeline_sends}"] if self.pipeline else []),
         f"roofline step time {self.roofline_step_s * 1e3:.2f} ms, MFU {100 * self.mfu:.3g}%"
         + ("" if self.hbm_bytes_per_step is not None else " (compute only: an upper bound)"),
     ]
@@ -198,9 +232,12 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
         "backend from the host, not the target. Use --config.model.mhc_impl=xla.")
   devices = compile_only_devices(target)
   expert, fsdp = config.mesh.get("expert", 1), config.mesh.get("fsdp", 1)
-  mesh_size = (config.mesh.data if config.mesh.data > 0 else 1) * fsdp * expert * config.mesh.model
+  stage = config.mesh.get("stage", 1)
+  mesh_size = ((config.mesh.data if config.mesh.data > 0 else 1) * stage * fsdp * expert
+               * config.mesh.model)
   if config.mesh.data > 0 and mesh_size != len(devices):
-    raise ValueError(f"config.mesh.data={config.mesh.data} x config.mesh.fsdp={fsdp} x "
+    raise ValueError(f"config.mesh.stage={stage} x config.mesh.data={config.mesh.data} x "
+                     f"config.mesh.fsdp={fsdp} x "
                      f"config.mesh.expert={expert} x config.mesh.model={config.mesh.model} = "
                      f"{mesh_size} does not match the {len(devices)} chips of "
                      f"--target={target.name}; set config.mesh.data=-1.")
@@ -240,4 +277,6 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
       hbm_bytes_per_step=hbm, roofline_step_s=step_s, mfu=compute_s / step_s,
       collectives=collectives(compiled) if compiled is not None else {},
       kernels=fused_kernels(compiled) if compiled is not None else {},
-      out_of_memory=compiled is None)
+      out_of_memory=compiled is None,
+      pipeline=train.check_pipeline(config, sharding.mesh_from_config(config.mesh, devices)),
+      pipeline_sends=overlapped_sends(compiled.as_text()) if compiled is not None else [])

@@ -10,6 +10,7 @@ Attention is grouped-query (`Attention`) or latent (`MLA`). With `num_experts > 
 one row per MoE block), which the train step needs for the balancing bias.
 """
 
+import dataclasses
 import logging
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ from mhc_jax.connections import Coefficients, ExitCollapse, make_connection
 from mhc_jax.layers import Attention, RMSNorm, SwiGLU, dense_init, rope_tables
 from mhc_jax.mla import MLA
 from mhc_jax.moe import MoE
+from mhc_jax.pipeline import PipelineConfig, run_pipeline
 from mhc_jax.recompute import block_groups, optimal_group
 from mhc_jax.streams import expand_streams, post_res_mix, pre_mix
 
@@ -93,14 +95,68 @@ class Block(nn.Module):
     return x_BxSxNxC, (stacked, stats[0] if stats else None)
 
 
+def _block_stack(cfg: ModelConfig, impl: str, return_coeffs: bool, moe: bool, mesh, length: int,
+                 initializing: bool, name: str, unroll: bool = False) -> nn.Module:
+  """`length` scanned blocks, `(x, block_index_L, sin, cos) -> (x, per-block outputs)`: one
+  rematerialised block per step, or groups of `recompute_blocks` (recompute.py). `unroll`
+  flattens the scan (a pipeline chunk: lets the compiler overlap a send with its compute)."""
+  block_cls = Block
+  if cfg.remat_policy != "none":
+    block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+  group = min(length, cfg.recompute_blocks or optimal_group(cfg.n_streams, length))
+  if group > 1 and not initializing:
+    return block_groups(Block, (cfg, impl, return_coeffs, moe, mesh), length, group,
+                        REMAT_POLICIES[cfg.remat_policy], name=name)
+  return nn.scan(
+      block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      in_axes=(0, nn.broadcast, nn.broadcast), length=length, unroll=length if unroll else 1,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )(cfg, impl, return_coeffs, moe, mesh, name=name)
+
+
+class _Chunk(nn.Module):
+  """One pipeline chunk: `length` blocks of the dense stack, from its `blocks` params."""
+  cfg: ModelConfig
+  impl: str
+  length: int
+
+  @nn.compact
+  def __call__(self, x_BxSxNxC, block_index_L, sin_SxR, cos_SxR):
+    stack = _block_stack(self.cfg, self.impl, False, False, None, self.length, False, "blocks",
+                         unroll=True)
+    return stack(x_BxSxNxC, block_index_L, sin_SxR, cos_SxR)[0]
+
+
 class DecoderLM(nn.Module):
   """Decoder-only LM; `__call__(tokens (B, S)) -> logits (B, S, V)` in float32.
 
-  `mesh`: the device mesh of the run, for expert parallelism over its `expert` axis; None runs
-  every expert on every device.
+  `mesh`: the device mesh of the run, for expert parallelism over its `expert` axis and the
+  pipeline over its `stage` axis (`pipeline`, pipeline.py); None runs every expert on every
+  device and no pipeline.
   """
   cfg: ModelConfig
   mesh: jax.sharding.Mesh | None = None
+  pipeline: PipelineConfig = PipelineConfig()
+
+  def _pipelined(self, x_BxSxNxC, sin_SxR, cos_SxR, impl):
+    """The dense stack through the pipeline over the mesh's `stage` axis."""
+    chunks = self.mesh.shape["stage"] * self.pipeline.repeats
+    length = self.cfg.num_layers // chunks
+    # Splash needs its own shard_map, which does not nest in the pipeline's: `auto` means XLA.
+    cfg = self.cfg
+    if cfg.attention_impl == "auto":
+      cfg = dataclasses.replace(cfg, attention_impl="xla")
+    chunk = _Chunk(cfg, impl, length)
+
+    def chunk_fn(params, x, chunk_index):
+      index_L = chunk_index * length + jnp.arange(length)
+      # No logical constraints inside the stage: shard_map sets a mesh, which would turn the
+      # parameter metadata's constraints on (outside, with no mesh set, they are no-ops too).
+      with nn.logical_axis_rules(()):
+        return chunk.apply({"params": {"blocks": params}}, x, index_L, sin_SxR, cos_SxR)
+
+    return run_pipeline(chunk_fn, self.variables["params"]["blocks"], x_BxSxNxC, self.mesh,
+                        self.pipeline)
 
   @nn.compact
   def __call__(self, tokens_BxS: jax.Array, *, return_coeffs: bool = False,
@@ -115,30 +171,24 @@ class DecoderLM(nn.Module):
     x_BxSxNxC = expand_streams(x_BxSxC, cfg.n_streams)
     sin_SxR, cos_SxR = rope_tables(tokens_BxS.shape[1], cfg.rope_dim, cfg.rope_theta)
 
-    block_cls = Block
-    if cfg.remat_policy != "none":
-      block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
-                           prevent_cse=not cfg.scan_layers)
     impl = resolve_impl(cfg)
     dense_blocks = cfg.num_layers - cfg.moe_blocks
+    staged = self.mesh is not None and self.mesh.shape.get("stage", 1) > 1
     outputs = []  # (coeffs, moe_stats) of each stack, layers first
     for name, moe, start, length in (("blocks", False, 0, dense_blocks),
                                      ("moe_blocks", True, dense_blocks, cfg.moe_blocks)):
       if not length:
         continue
-      group = min(length, cfg.recompute_blocks or optimal_group(cfg.n_streams, length))
-      if cfg.scan_layers and group > 1 and not self.is_initializing():
-        stack = block_groups(Block, (cfg, impl, return_coeffs, moe, self.mesh), length, group,
-                             REMAT_POLICIES[cfg.remat_policy], name=name)
-        x_BxSxNxC, out = stack(x_BxSxNxC, jnp.arange(start, start + length), sin_SxR, cos_SxR)
+      if staged and not return_coeffs and not self.is_initializing():
+        x_BxSxNxC, out = self._pipelined(x_BxSxNxC, sin_SxR, cos_SxR, impl), (None, None)
       elif cfg.scan_layers:
-        stack = nn.scan(
-            block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast), length=length,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, impl, return_coeffs, moe, self.mesh, name=name)
+        stack = _block_stack(cfg, impl, return_coeffs, moe, self.mesh, length,
+                             self.is_initializing(), name)
         x_BxSxNxC, out = stack(x_BxSxNxC, jnp.arange(start, start + length), sin_SxR, cos_SxR)
       else:
+        block_cls = Block
+        if cfg.remat_policy != "none":
+          block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy])
         per_block = []
         for i in range(length):
           x_BxSxNxC, o = block_cls(cfg, impl, return_coeffs, moe, self.mesh, name=f"{name}_{i}")(

@@ -1,6 +1,8 @@
 """Device mesh and the logical-axis rules that map parameter/activation names onto it.
 
-The mesh has axes `("data", "fsdp", "expert", "model")`:
+The mesh has axes `("stage", "data", "fsdp", "expert", "model")`:
+- the blocks are split over `stage` (pipeline parallelism, `pipeline.py`): the layer axis of
+  the stacked block parameters is sharded over it;
 - the batch is split over `data`, `fsdp` and `expert`;
 - `fsdp` also shards every parameter's model dimension C (logical `embed`), and with it the
   optimizer state (ZeRO-3 / FSDP): XLA gathers each weight where it is used and reduce-scatters
@@ -19,7 +21,7 @@ from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "model")
+MESH_AXES = ("stage", "data", "fsdp", "expert", "model")
 BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over these
 LOGICAL_RULES = (
     ("batch", BATCH_AXES),
@@ -30,7 +32,7 @@ LOGICAL_RULES = (
     ("embed", "fsdp"),
     ("stream_embed", "fsdp"),  # the n*C rows of mHC's projection phi (a parameter)
     ("norm", None),
-    ("layers", None),
+    ("layers", "stage"),
     ("kv", None),
     ("heads", "model"),
     ("mlp", "model"),
@@ -38,29 +40,30 @@ LOGICAL_RULES = (
 )
 
 
-def make_mesh(data: int = -1, model: int = 1, devices=None, *, expert: int = 1, fsdp: int = 1
-              ) -> jax.sharding.Mesh:
-  """A `(data, fsdp, expert, model)` mesh over `devices` (default: all); `data=-1` takes what the
-  other axes leave.
+def make_mesh(data: int = -1, model: int = 1, devices=None, *, expert: int = 1, fsdp: int = 1,
+              stage: int = 1) -> jax.sharding.Mesh:
+  """A `(stage, data, fsdp, expert, model)` mesh over `devices` (default: all); `data=-1` takes
+  what the other axes leave.
 
   `devices` may be compile-only devices of a TPU or GPU topology (see `mhc_jax.targets`).
   """
   devices = jax.devices() if devices is None else list(devices)
   num = len(devices)
-  for name, size in (("model", model), ("expert", expert), ("fsdp", fsdp)):
+  for name, size in (("model", model), ("expert", expert), ("fsdp", fsdp), ("stage", stage)):
     if size < 1 or num % size:
       raise ValueError(f"mesh.{name}={size} must be >= 1 and divide the {num} devices.")
-  others = fsdp * expert * model
+  others = stage * fsdp * expert * model
   if num % others:
-    raise ValueError(f"mesh.fsdp={fsdp} x mesh.expert={expert} x mesh.model={model} must divide "
-                     f"the {num} devices.")
+    raise ValueError(f"mesh.stage={stage} x mesh.fsdp={fsdp} x mesh.expert={expert} x "
+                     f"mesh.model={model} must divide the {num} devices.")
   if data == -1:
     data = num // others
   if data * others != num:
     raise ValueError(
-        f"mesh.data={data} x mesh.fsdp={fsdp} x mesh.expert={expert} x mesh.model={model} = "
-        f"{data * others} does not match the {num} devices; set mesh.data=-1 to use all of them.")
-  shape, axis_types = (data, fsdp, expert, model), (AxisType.Auto,) * 4
+        f"mesh.stage={stage} x mesh.data={data} x mesh.fsdp={fsdp} x mesh.expert={expert} x "
+        f"mesh.model={model} = {data * others} does not match the {num} devices; set "
+        "mesh.data=-1 to use all of them.")
+  shape, axis_types = (stage, data, fsdp, expert, model), (AxisType.Auto,) * 5
   try:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
   except NotImplementedError:
@@ -70,9 +73,9 @@ def make_mesh(data: int = -1, model: int = 1, devices=None, *, expert: int = 1, 
 
 
 def mesh_from_config(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """`make_mesh` from a config's `mesh` fields (`expert` and `fsdp` are optional, default 1)."""
+  """`make_mesh` from a config's `mesh` fields (`expert`, `fsdp`, `stage` optional, default 1)."""
   return make_mesh(mesh_cfg.data, mesh_cfg.model, devices, expert=mesh_cfg.get("expert", 1),
-                   fsdp=mesh_cfg.get("fsdp", 1))
+                   fsdp=mesh_cfg.get("fsdp", 1), stage=mesh_cfg.get("stage", 1))
 
 
 def batch_parallelism(mesh: jax.sharding.Mesh) -> int:

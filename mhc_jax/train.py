@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mhc_jax import checkpoint, data, optim, report, sharding
+from mhc_jax import checkpoint, data, optim, pipeline, report, sharding
 from mhc_jax.config import ModelConfig
 from mhc_jax.diagnostics import layer_diagnostics
 from mhc_jax.metrics import MetricsWriter, ProgressBar
 from mhc_jax.model import DecoderLM
+from mhc_jax.pipeline import PipelineConfig
 from mhc_jax.steps import abstract_state, create_state, eval_loss, train_step
 
 _POSITIVE_FIELDS = ("total_steps", "batch_size", "microbatches", "seq_len", "eval_every", "eval_batches",
@@ -45,8 +46,23 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig.from_dict(config.model)
 
 
+def check_pipeline(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> str | None:
+  """Validates `config.pipeline` on `mesh`; returns a one-line summary when it pipelines."""
+  cfg, stages = PipelineConfig.from_dict(config.get("pipeline")), mesh.shape["stage"]
+  model = ModelConfig.from_dict(config.model)
+  pipeline.check(cfg, stages, num_layers=model.num_layers, moe_blocks=model.moe_blocks,
+                 scan_layers=model.scan_layers, batch_size=config.batch_size // config.microbatches,
+                 batch_ways=sharding.batch_parallelism(mesh), attention_impl=model.attention_impl)
+  if stages == 1:
+    return None
+  return (f"pipeline: {stages} stages, {cfg.schedule} x{cfg.repeats}, {cfg.microbatches} "
+          f"microbatches, sends {'overlapped' if cfg.overlap_sends else 'after compute'}, "
+          f"bubble {pipeline.bubble_fraction(stages, cfg):.1%}")
+
+
 def _model_optimizer_example(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
-  model = DecoderLM(ModelConfig.from_dict(config.model), mesh)
+  model = DecoderLM(ModelConfig.from_dict(config.model), mesh,
+                    PipelineConfig.from_dict(config.get("pipeline")))
   tx = optim.make_optimizer(config.optimizer, config.total_steps)
   return model, tx, jnp.zeros((1, config.seq_len), jnp.int32)
 
@@ -98,6 +114,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.devices())
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh, config.microbatches)
+  summary = check_pipeline(config, mesh)
+  if summary:
+    logging.info(summary)
   data_dir = data.resolve_data_dir(config.data.dir or None, config.data.cache_dir or None)
   train_iter = data.make_train_iterator(data_dir, seq_len=config.seq_len,
                                         global_batch_size=config.batch_size, seed=config.seed)

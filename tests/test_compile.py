@@ -172,6 +172,25 @@ def test_splash_attention_compiles_for_v5p_under_the_mesh(tmp_path):
 
 @needs_libtpu
 @pytest.mark.slow
+def test_pipeline_sends_overlap_compute_on_v5p(tmp_path):
+  """v5p-8-smoke-8blocks-C256-seq256-bfloat16, mesh stage 4, GPipe with 4 microbatches: every
+  stage-to-stage send, forward and backward, is an async collective-permute with compute
+  scheduled between its start and its done (read from the compiled HLO)."""
+  out = tmp_path / "compile.json"
+  proc = _compile(TPU_PYTHON, f"--config={SMOKE}", "--target=v5p-8", "--nobytes",
+                  "--config.model.num_layers=8", "--config.model.d_model=256",
+                  "--config.seq_len=256", "--config.batch_size=8", "--config.model.dtype=bfloat16",
+                  "--config.mesh.stage=4",
+                  "--config.pipeline.microbatches=4", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["pipeline"].startswith("pipeline: 4 stages") and "bubble 42.9%" in report["pipeline"]
+  sends = report["pipeline_sends"]
+  assert len(sends) >= 2 and min(sends) >= 1, sends  # forward and backward; none synchronous
+
+
+@needs_libtpu
+@pytest.mark.slow
 def test_out_of_memory_is_reported_not_raised(tmp_path):
   """v5e-4-smoke-seq8192-float32: XLA:TPU refuses the program; the report says by how much."""
   out = tmp_path / "compile.json"
@@ -196,7 +215,8 @@ print(dict(sharding.make_mesh(-1, 1, devices, expert=8).shape))
                         text=True, timeout=300, check=False,
                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.strip().splitlines()[-1] == "{'data': 8, 'fsdp': 1, 'expert': 8, 'model': 1}"
+  assert proc.stdout.strip().splitlines()[-1] == (
+      "{'stage': 1, 'data': 8, 'fsdp': 1, 'expert': 8, 'model': 1}")
 
 
 @needs_libtpu

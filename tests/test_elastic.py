@@ -60,12 +60,14 @@ def _assert_same_trajectory(resumed, source, reference, resumed_at: int):
 
 
 def test_resume_on_another_mesh(tmp_path, cache_dir):
-  """8 fake devices: saved under `fsdp 8`, resumed under `data 2 x fsdp 2 x model 2`."""
+  """8 fake devices: saved under `fsdp 8`, resumed under `stage 2 x fsdp 2 x model 2`, which
+  trains through the pipeline (GPipe, 2 microbatches)."""
   reference = tmp_path / "fsdp8"
   _train(reference, cache_dir, {"mesh.fsdp": 8}, num_devices=8)
   resumed = _resume_copy(reference, 4, tmp_path / "resumed")
-  log, = _train(resumed, cache_dir, {"mesh.fsdp": 2, "mesh.model": 2}, num_devices=8)
-  assert "resumed from step 4 " in log, log[-3000:]
+  log, = _train(resumed, cache_dir, {"mesh.stage": 2, "mesh.fsdp": 2, "mesh.model": 2,
+                                     "pipeline.microbatches": 2}, num_devices=8)
+  assert "resumed from step 4 " in log and "pipeline: 2 stages" in log, log[-3000:]
   _assert_same_trajectory(resumed, reference, reference, 4)
 
 
