@@ -29,12 +29,13 @@ from mhc_jax.streams import expand_streams, post_res_mix, pre_mix
 
 STREAM_AXES = ("batch", "length", "streams", "embed")
 
-# Remat policies by config name. `mhc_block` is the paper's block recompute (spec §8) with
-# L_r = one block (2 sublayers; `recompute_blocks` groups more, see recompute.py): it keeps the sublayers' projection outputs (dots without batch
-# dims) and their outputs `y`, and rebuilds the n-stream tensors, norms and other elementwise
-# values from the block input in the backward pass. (A name-based "save all but the streams"
-# policy does not work here: the streams are also residuals of the custom VJPs in `streams.py`,
-# which carry no name. The policy above halves the compiled temporary memory at d_model 512.)
+# Remat policies by config name. `mhc_block` is the paper's block recompute (docs/math.md §8)
+# with L_r = one block (2 sublayers; `recompute_blocks` groups more, see recompute.py): it keeps
+# the sublayers' projection outputs (dots without batch dims) and their outputs `y`, and
+# rebuilds the n-stream tensors, norms and other elementwise values from the block input in the
+# backward pass. (A name-based "save all but the streams" policy does not work here: the streams
+# are also residuals of the custom VJPs in `streams.py`, which carry no name. The policy above
+# halves the compiled temporary memory at d_model 512.)
 _CP = jax.checkpoint_policies
 REMAT_POLICIES = {
     "full": _CP.nothing_saveable,

@@ -117,7 +117,8 @@ def _unmicrobatch(x_MxbxD: jax.Array) -> jax.Array:
 
 
 def run_pipeline(chunk_fn: Callable[[Any, jax.Array, jax.Array], jax.Array], params_L: Any,
-        x_BxSxNxC: jax.Array, mesh: jax.sharding.Mesh, cfg: PipelineConfig) -> jax.Array:
+                 x_BxSxNxC: jax.Array, mesh: jax.sharding.Mesh, cfg: PipelineConfig
+                 ) -> jax.Array:
   """The blocks `params_L` (leaves `(L, ...)`) applied to `x` through the pipeline.
 
   `chunk_fn(params_chunk, x_bxSxNxC, chunk_index)` applies one chunk of `L / (S r)` blocks
