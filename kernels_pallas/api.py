@@ -22,16 +22,22 @@ def _resolve(block_sizes):
   return block_sizes or common.BlockSizes.for_backend(name), name
 
 
-def _check_streams(fn, x, block_sizes, *coefs):
-  if x.ndim < 2:
-    raise ValueError(f"{fn}: x must have shape (..., n, C); got {x.shape}.")
-  n, c = x.shape[-2:]
+def _streams_shape(fn, x, flat, n, block_sizes, *coefs):
+  """`(lead, n, C)` of streams `x`: `(..., n, C)`, or token rows `(..., n*C)` when `flat`."""
+  if flat:
+    if x.ndim < 1 or x.shape[-1] % max(n, 1):
+      raise ValueError(f"{fn}: flat streams must have shape (..., n*C) with n={n}; got {x.shape}.")
+    lead, c = x.shape[:-1], x.shape[-1] // n
+  else:
+    if x.ndim < 2:
+      raise ValueError(f"{fn}: x must have shape (..., n, C); got {x.shape}.")
+    lead, (n, c) = x.shape[:-2], x.shape[-2:]
   common.check_supported(n, c, block_sizes)
-  lead = x.shape[:-2]
   for name, arr, tail in coefs:
-    if arr.shape != (*lead, *tail):
-      raise ValueError(f"{fn}: {name} has shape {arr.shape}, expected {(*lead, *tail)} for x of "
-                       f"shape {x.shape}.")
+    if arr.shape != (*lead, *tail(n, c)):
+      raise ValueError(f"{fn}: {name} has shape {arr.shape}, expected {(*lead, *tail(n, c))} for "
+                       f"x of shape {x.shape}.")
+  return lead, n, c
 
 
 # ----- coefficients -----
@@ -44,10 +50,12 @@ def mhc_coefficients(x, phi, alpha, bias, *, num_iters=20, eps=1e-6, post_scale=
                      block_sizes=None, bwd_impl="pallas"):
   """Fused `(h_pre (..., n), h_post (..., n), h_res (..., n, n))` float32 from `x (..., n, C)`.
 
+  `x` may also be token rows `(..., n*C)` (n > 1), the layout the kernels read without a copy.
   `bwd_impl="xla"` differentiates the plain-jnp reference instead of the backward kernel.
   """
-  _check_streams("mhc_coefficients", x, block_sizes)
-  n, c = x.shape[-2:]
+  n = math.isqrt(bias.shape[-1] + 1) - 1 if bias.ndim == 1 else 0
+  flat = n > 1 and x.shape[-1] == phi.shape[0] and phi.shape[0] % n == 0
+  _, n, c = _streams_shape("mhc_coefficients", x, flat, n, block_sizes)
   k = n * n + 2 * n
   for name, arr, want in (("phi", phi, (n * c, k)), ("alpha", alpha, (3,)), ("bias", bias, (k,))):
     if arr.shape != want:
@@ -57,13 +65,14 @@ def mhc_coefficients(x, phi, alpha, bias, *, num_iters=20, eps=1e-6, post_scale=
     raise ValueError(f"mhc_coefficients: bwd_impl must be one of {BWD_IMPLS}; got {bwd_impl!r}.")
   if num_iters < 1:
     raise ValueError(f"mhc_coefficients: num_iters must be >= 1; got {num_iters}.")
-  return _coefficients(x, phi, alpha, bias, num_iters, eps, post_scale, block_sizes, bwd_impl)
+  common.check_budget(n, c, x.dtype.itemsize, *_resolve(block_sizes), num_iters)
+  return _coefficients(x, phi, alpha, bias, num_iters, eps, post_scale, block_sizes, bwd_impl, n)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _coefficients(x, phi, alpha, bias, num_iters, eps, post_scale, block_sizes, bwd_impl):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _coefficients(x, phi, alpha, bias, num_iters, eps, post_scale, block_sizes, bwd_impl, n):
   return _coefficients_fwd(
-      x, phi, alpha, bias, num_iters, eps, post_scale, block_sizes, bwd_impl)[0]
+      x, phi, alpha, bias, num_iters, eps, post_scale, block_sizes, bwd_impl, n)[0]
 
 
 def _padded_params(phi, alpha, bias, n, kp):
@@ -74,9 +83,14 @@ def _padded_params(phi, alpha, bias, n, kp):
   return phi_t_KxNC, alpha_Kx1, bias_Kx1
 
 
-def _coefficients_fwd(x, phi, alpha, bias, num_iters, eps, post_scale, block_sizes, bwd_impl):
+def _lead(x, phi, n):
+  """Leading (token) dims of streams `(..., n, C)` or `(..., n*C)`, given phi `(n*C, K)`."""
+  return x.shape[:-1] if x.shape[-1] == phi.shape[0] and n > 1 else x.shape[:-2]
+
+
+def _coefficients_fwd(x, phi, alpha, bias, num_iters, eps, post_scale, block_sizes, bwd_impl, n):
   bs, name = _resolve(block_sizes)
-  lead, (n, c) = x.shape[:-2], x.shape[-2:]
+  lead, c = _lead(x, phi, n), phi.shape[0] // n
   t, k = math.prod(lead), n * n + 2 * n
   phi_t, alpha_k, bias_k = _padded_params(phi, alpha, bias, n, common.padded_logits(k, name))
   coef_KxT, proj_KxT, rms_1xT = fwd.coefficients_fwd(
@@ -90,15 +104,16 @@ def _coefficients_fwd(x, phi, alpha, bias, num_iters, eps, post_scale, block_siz
   return out, (x, phi, alpha, bias, proj_KxT, rms_1xT)
 
 
-def _coefficients_bwd(num_iters, eps, post_scale, block_sizes, bwd_impl, res, cts):
+def _coefficients_bwd(num_iters, eps, post_scale, block_sizes, bwd_impl, n, res, cts):
   if bwd_impl == "xla":
-    _, vjp = jax.vjp(functools.partial(
-        reference.coefficients_reference, num_iters=num_iters, eps=eps, post_scale=post_scale),
-        *res)
-    return vjp(cts)
+    x, phi, alpha, bias = res
+    lead, c = _lead(x, phi, n), phi.shape[0] // n
+    ref = lambda x, *p: reference.coefficients_reference(
+        x.reshape(*lead, n, c), *p, num_iters=num_iters, eps=eps, post_scale=post_scale)
+    return jax.vjp(ref, *res)[1](cts)
   x, phi, alpha, bias, proj_KxT, rms_1xT = res
   bs, name = _resolve(block_sizes)
-  lead, (n, c) = x.shape[:-2], x.shape[-2:]
+  lead, c = _lead(x, phi, n), phi.shape[0] // n
   t, k = math.prod(lead), n * n + 2 * n
   kp = proj_KxT.shape[0]
   _, alpha_k, bias_k = _padded_params(phi, alpha, bias, n, kp)
@@ -138,9 +153,14 @@ def _coef_cols(h, t, width):
 
 @functools.partial(jax.jit, static_argnames=("block_sizes",))
 def pre_mix(x_BxSxNxC, h_pre_BxSxN, *, block_sizes=None):
-  """`u = sum_j h_pre[j] x_j`, `(..., n, C) -> (..., C)` in x's dtype."""
-  n = x_BxSxNxC.shape[-2] if x_BxSxNxC.ndim >= 2 else 0
-  _check_streams("pre_mix", x_BxSxNxC, block_sizes, ("h_pre", h_pre_BxSxN, (n,)))
+  """`u = sum_j h_pre[j] x_j`, `(..., n, C) -> (..., C)` in x's dtype.
+
+  `x` may also be token rows `(..., n*C)` (then it has h_pre's rank).
+  """
+  flat = x_BxSxNxC.ndim == h_pre_BxSxN.ndim
+  _, n, c = _streams_shape("pre_mix", x_BxSxNxC, flat, h_pre_BxSxN.shape[-1], block_sizes,
+                           ("h_pre", h_pre_BxSxN, lambda n, c: (n,)))
+  common.check_budget(n, c, x_BxSxNxC.dtype.itemsize, *_resolve(block_sizes))
   return _pre_mix(x_BxSxNxC, h_pre_BxSxN, block_sizes)
 
 
@@ -151,9 +171,9 @@ def _pre_mix(x, h_pre, block_sizes):
 
 def _pre_mix_fwd(x, h_pre, block_sizes):
   bs, name = _resolve(block_sizes)
-  lead, (n, c) = x.shape[:-2], x.shape[-2:]
-  t = math.prod(lead)
-  u = fwd.pre_mix_fwd(x.reshape(t * n, c), _coef_cols(h_pre, t, n), n=n, block_sizes=bs,
+  lead, n = h_pre.shape[:-1], h_pre.shape[-1]
+  t, c = math.prod(lead), x.size // (math.prod(lead) * n)
+  u = fwd.pre_mix_fwd(x.reshape(t, n * c), _coef_cols(h_pre, t, n), n=n, block_sizes=bs,
                       backend_name=name)
   return u.reshape(*lead, c), (x, h_pre)
 
@@ -161,12 +181,12 @@ def _pre_mix_fwd(x, h_pre, block_sizes):
 def _pre_mix_bwd(block_sizes, res, du):
   x, h_pre = res
   bs, name = _resolve(block_sizes)
-  lead, (n, c) = x.shape[:-2], x.shape[-2:]
-  t = math.prod(lead)
+  lead, n = h_pre.shape[:-1], h_pre.shape[-1]
+  t, c = math.prod(lead), du.shape[-1]
   dx, dh_parts = bwd.pre_mix_bwd(
-      x.reshape(t * n, c), _coef_cols(h_pre, t, n), du.reshape(t, c).astype(x.dtype), n=n,
+      x.reshape(t, n * c), _coef_cols(h_pre, t, n), du.reshape(t, c).astype(x.dtype), n=n,
       block_sizes=bs, backend_name=name)
-  dh = jnp.sum(dh_parts, axis=0)[:, :n].reshape(h_pre.shape)
+  dh = jnp.sum(dh_parts, axis=(0, 1))[:, :n].reshape(h_pre.shape)
   return dx.reshape(x.shape), dh.astype(h_pre.dtype)
 
 
@@ -177,10 +197,16 @@ _pre_mix.defvjp(_pre_mix_fwd, _pre_mix_bwd)
 
 @functools.partial(jax.jit, static_argnames=("block_sizes",))
 def post_res_mix(x_BxSxNxC, y_BxSxC, h_post_BxSxN, h_res_BxSxNxN, *, block_sizes=None):
-  """Fused `x'_i = sum_j h_res[i, j] x_j + h_post[i] y`: reads (n+1)C, writes nC per token."""
-  n, c = x_BxSxNxC.shape[-2:] if x_BxSxNxC.ndim >= 2 else (0, 0)
-  _check_streams("post_res_mix", x_BxSxNxC, block_sizes, ("y", y_BxSxC, (c,)), ("h_post", h_post_BxSxN, (n,)),
-                 ("h_res", h_res_BxSxNxN, (n, n)))
+  """Fused `x'_i = sum_j h_res[i, j] x_j + h_post[i] y`: reads (n+1)C, writes nC per token.
+
+  `x` may also be token rows `(..., n*C)` (then it has y's rank); the result has x's shape.
+  """
+  flat = x_BxSxNxC.ndim == y_BxSxC.ndim
+  _, n, c = _streams_shape(
+      "post_res_mix", x_BxSxNxC, flat, h_post_BxSxN.shape[-1], block_sizes,
+      ("y", y_BxSxC, lambda n, c: (c,)), ("h_post", h_post_BxSxN, lambda n, c: (n,)),
+      ("h_res", h_res_BxSxNxN, lambda n, c: (n, n)))
+  common.check_budget(n, c, x_BxSxNxC.dtype.itemsize, *_resolve(block_sizes))
   return _post_res_mix(x_BxSxNxC, y_BxSxC, h_post_BxSxN, h_res_BxSxNxN, block_sizes)
 
 
@@ -191,10 +217,10 @@ def _post_res_mix(x, y, h_post, h_res, block_sizes):
 
 def _post_res_mix_fwd(x, y, h_post, h_res, block_sizes):
   bs, name = _resolve(block_sizes)
-  lead, (n, c) = x.shape[:-2], x.shape[-2:]
+  lead, (n, c) = y.shape[:-1], (h_post.shape[-1], y.shape[-1])
   t = math.prod(lead)
   out = fwd.post_res_mix_fwd(
-      x.reshape(t * n, c), y.reshape(t, c), _coef_cols(h_post, t, n),
+      x.reshape(t, n * c), y.reshape(t, c), _coef_cols(h_post, t, n),
       _coef_cols(h_res, t, n * n), n=n, block_sizes=bs, backend_name=name)
   return out.reshape(x.shape), (x, y, h_post, h_res)
 
@@ -202,14 +228,14 @@ def _post_res_mix_fwd(x, y, h_post, h_res, block_sizes):
 def _post_res_mix_bwd(block_sizes, res, g):
   x, y, h_post, h_res = res
   bs, name = _resolve(block_sizes)
-  lead, (n, c) = x.shape[:-2], x.shape[-2:]
+  lead, (n, c) = y.shape[:-1], (h_post.shape[-1], y.shape[-1])
   t = math.prod(lead)
   dx, dy, dhp_parts, dhr_parts = bwd.post_res_mix_bwd(
-      x.reshape(t * n, c), y.reshape(t, c), _coef_cols(h_post, t, n),
-      _coef_cols(h_res, t, n * n), g.reshape(t * n, c).astype(x.dtype), n=n, block_sizes=bs,
+      x.reshape(t, n * c), y.reshape(t, c), _coef_cols(h_post, t, n),
+      _coef_cols(h_res, t, n * n), g.reshape(t, n * c).astype(x.dtype), n=n, block_sizes=bs,
       backend_name=name)
   dh_post = jnp.sum(dhp_parts, axis=0)[:, :n].reshape(h_post.shape)
-  dh_res = jnp.sum(dhr_parts, axis=0)[:, :n * n].reshape(h_res.shape)
+  dh_res = jnp.sum(dhr_parts, axis=(0, 1))[:, :n * n].reshape(h_res.shape)
   return (dx.reshape(x.shape), dy.reshape(y.shape), dh_post.astype(h_post.dtype),
           dh_res.astype(h_res.dtype))
 

@@ -42,6 +42,9 @@ class BlockSizes:
   coef_k: width of the chunks of the `n*C` row that are contracted with phi one at a time.
   mix_tokens, mix_c: token and feature block of the pre/post mixing kernels.
   All are powers of two (Triton needs it); lane-axis sizes are multiples of 128.
+  loops: run the coefficient kernels' chunk and Sinkhorn loops as loops (None: on GPU only,
+  where Triton takes minutes on unrolled code; Mosaic wants the static lane slices of unrolled
+  chunks).
   """
   coef_tokens: int = 128
   coef_k: int = 512
@@ -49,6 +52,10 @@ class BlockSizes:
   mix_c: int = 512
   interpret: bool | None = None
   backend: str | None = None
+  loops: bool | None = None
+
+  def use_loops(self, backend_name: str) -> bool:
+    return backend_name == "gpu" if self.loops is None else self.loops
 
   def __post_init__(self):
     if self.backend not in (None, *BACKENDS):
@@ -72,22 +79,81 @@ class BlockSizes:
     return cls(**kwargs)
 
 
+def backend_for_platform(platform: str) -> str:
+  """Kernel backend for devices of `platform` ('cpu' -> interpret, 'tpu', 'gpu'/'cuda' -> gpu)."""
+  return {"cpu": "interpret", "tpu": "tpu"}.get(platform, "gpu")
+
+
 def backend(block_sizes: BlockSizes | None = None) -> str:
-  """'interpret' on CPU (or when asked), else 'tpu' or 'gpu'; `block_sizes.backend` overrides."""
+  """'interpret' on CPU (or when asked), else 'tpu' or 'gpu'; `block_sizes.backend` overrides.
+
+  Without an override this follows the host's default backend. A build for other devices (a
+  compile-only TPU from a CPU host) must say so: `sharded.py` sets the backend from its mesh.
+  """
   if block_sizes is not None and block_sizes.backend is not None:
     return block_sizes.backend
-  platform = jax.default_backend()
-  if platform == "cpu" or (block_sizes is not None and block_sizes.interpret):
+  if block_sizes is not None and block_sizes.interpret:
     return "interpret"
-  if platform == "tpu":
-    return "tpu"
-  return "gpu"
+  return backend_for_platform(jax.default_backend())
 
 
-def compiler_params(backend_name: str, num_grid_dims: int):
-  """All grids here are embarrassingly parallel (reductions over C happen in XLA)."""
+# On-chip memory per kernel instance. TPU: VMEM we allow a kernel (v5e and v6e have 128 MiB,
+# v5p 95 MiB) and the scoped default XLA gives one unless told (16 MiB). GPU: the H100's opt-in
+# shared memory per block (227 KiB), what Triton's tiles of a `dot` must fit in.
+BUDGET_BYTES = {"tpu": 64 * 2**20, "gpu": 232_448}
+TPU_SCOPED_DEFAULT = 16 * 2**20
+
+
+def coefficients_bytes(n, c, itemsize, bs: BlockSizes, backend_name: str, num_iters: int) -> int:
+  """On-chip bytes of the coefficient kernels' blocks (both directions; the forward dominates)."""
+  kp, width, bt = padded_logits(n * n + 2 * n, backend_name), n * c, bs.coef_tokens
+  bk = feature_block(width, bs.coef_k)
+  if backend_name == "gpu":  # Triton stages the operands of each dot chunk in shared memory
+    return (bt + kp) * bk * 4
+  blocks = 2 * (bt * width * itemsize + kp * width * 4)  # double-buffered stream block and phi
+  temps = 3 * bt * bk * 4 + (2 * kp + SUMSQ_ROWS) * bt * 4 * 2
+  tape = 2 * num_iters * n * n * bt * 4  # the backward's Sinkhorn iterates
+  return blocks + max(temps, tape)
+
+
+def mixing_bytes(n, c, itemsize, bs: BlockSizes, backend_name: str) -> int:
+  """On-chip bytes of the mixing kernels' blocks (post_res_mix's backward, the largest)."""
+  bt, bc = bs.mix_tokens, feature_block(c, bs.mix_c)
+  if backend_name == "gpu":  # elementwise: registers, not shared memory
+    return 0
+  blocks = 2 * (2 * n + 3) * bt * bc * itemsize  # n cotangents, x_s, y; dx_s, dy (double-buffered)
+  return blocks + (n + 3) * bt * bc * 4  # float32 copies of them in the body
+
+
+def check_budget(n, c, itemsize, bs: BlockSizes, backend_name: str, num_iters: int = 20) -> None:
+  """Raises a ValueError naming the `BlockSizes` field to shrink when a kernel would not fit."""
+  budget = BUDGET_BYTES.get(backend_name)
+  if budget is None:
+    return
+  for need, fields in ((coefficients_bytes(n, c, itemsize, bs, backend_name, num_iters),
+                        ("coef_tokens", "coef_k")),
+                       (mixing_bytes(n, c, itemsize, bs, backend_name), ("mix_tokens", "mix_c"))):
+    if need > budget:
+      field = max(fields, key=lambda f: getattr(bs, f))
+      raise ValueError(
+          f"BlockSizes.{field}={getattr(bs, field)}: the kernels need {need / 2**20:.2f} MiB on "
+          f"chip at n={n}, C={c}, {itemsize}-byte streams; the {backend_name} budget is "
+          f"{budget / 2**20:.2f} MiB. Halve BlockSizes.{field}.")
+
+
+def compiler_params(backend_name: str, num_grid_dims: int, vmem_bytes: int = 0,
+                    semantics: tuple[str, ...] | None = None):
+  """Grids are parallel unless `semantics` says otherwise (reductions over C happen in XLA).
+
+  On TPU a kernel whose blocks need more than the scoped default asks for `vmem_bytes` plus
+  a quarter of headroom (Mosaic's own scratch), within the budget.
+  """
   if backend_name == "tpu":
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_grid_dims)
+    limit = None
+    if vmem_bytes > TPU_SCOPED_DEFAULT * 3 // 4:
+      limit = min(BUDGET_BYTES["tpu"], max(vmem_bytes * 5 // 4, TPU_SCOPED_DEFAULT * 2))
+    return pltpu.CompilerParams(
+        dimension_semantics=semantics or ("parallel",) * num_grid_dims, vmem_limit_bytes=limit)
   if backend_name == "gpu":
     return pltriton.CompilerParams(num_warps=4, num_stages=2)
   return None
@@ -170,25 +236,60 @@ def _normalize_vjp(dy, kind, y, den):
   return [(dyi - s) / den for dyi in dy]
 
 
-def sinkhorn_forward(logit_rows, *, num_iters, eps):
+def _column_softmax(logit_rows):
+  mx = jax.lax.stop_gradient(functools.reduce(jnp.maximum, logit_rows))
+  e = [jnp.exp(l - mx) for l in logit_rows]
+  total = sum_list(e)
+  return [ei / total for ei in e]
+
+
+def _iteration(m, eps, tape):
+  """One (cols, rows) Sinkhorn iteration."""
+  return _normalize_rows(_normalize_cols(m, eps, tape), eps, tape)
+
+
+def sinkhorn_forward(logit_rows, *, num_iters, eps, loop=False):
   """Column softmax + eps, row-normalise, then (cols, rows) `num_iters - 1` times.
 
   Returns `(rows, residuals)`; the residuals (every iterate) feed `sinkhorn_vjp`, which is how
   the backward kernel recomputes the iterations on chip instead of reading them from HBM.
+  `loop=True` runs the iterations as a loop and keeps no residuals (a forward-only kernel).
   """
-  mx = jax.lax.stop_gradient(functools.reduce(jnp.maximum, logit_rows))
-  e = [jnp.exp(l - mx) for l in logit_rows]
-  total = sum_list(e)
-  p = [ei / total for ei in e]
+  p = _column_softmax(logit_rows)
   tape = []
   m = _normalize_rows([pi + eps for pi in p], eps, tape)
+  if loop:
+    return jax.lax.fori_loop(0, num_iters - 1, lambda _, m: _iteration(m, eps, []), m), None
   for _ in range(num_iters - 1):
-    m = _normalize_rows(_normalize_cols(m, eps, tape), eps, tape)
+    m = _iteration(m, eps, tape)
   return m, (p, tape)
 
 
-def sinkhorn_vjp(logit_rows, d_rows, *, num_iters, eps):
+def _sinkhorn_vjp_loop(logit_rows, d_rows, *, num_iters, eps):
+  """`sinkhorn_vjp` with loops, not unrolled code: iteration k's input is recomputed from the
+  first iterate (about num_iters**2 / 2 iterations instead of a tape of num_iters)."""
+  p = _column_softmax(logit_rows)
+  first_tape = []
+  m0 = _normalize_rows([pi + eps for pi in p], eps, first_tape)
+
+  def back(j, d):
+    m = jax.lax.fori_loop(0, num_iters - 2 - j, lambda _, m: _iteration(m, eps, []), m0)
+    tape = []
+    _iteration(m, eps, tape)
+    for kind, y, den in reversed(tape):
+      d = _normalize_vjp(d, kind, y, den)
+    return d
+
+  d_rows = jax.lax.fori_loop(0, num_iters - 1, back, d_rows)
+  d_rows = _normalize_vjp(d_rows, *first_tape[0])
+  s = sum_list([di * pi for di, pi in zip(d_rows, p)])
+  return [pi * (di - s) for di, pi in zip(d_rows, p)]
+
+
+def sinkhorn_vjp(logit_rows, d_rows, *, num_iters, eps, loop=False):
   """Cotangent of the logit rows given that of the output rows, through every iteration."""
+  if loop:
+    return _sinkhorn_vjp_loop(logit_rows, d_rows, num_iters=num_iters, eps=eps)
   _, (p, tape) = sinkhorn_forward(logit_rows, num_iters=num_iters, eps=eps)
   for kind, y, den in reversed(tape):
     d_rows = _normalize_vjp(d_rows, kind, y, den)
@@ -196,17 +297,17 @@ def sinkhorn_vjp(logit_rows, d_rows, *, num_iters, eps):
   return [pi * (di - s) for di, pi in zip(d_rows, p)]
 
 
-def coefficients_from_rows(pre, post, res_rows, *, num_iters, eps, post_scale):
+def coefficients_from_rows(pre, post, res_rows, *, num_iters, eps, post_scale, loop=False):
   """Logits `pre (n, ...)`, `post (n, ...)`, n res rows -> `h_pre`, `h_post`, `h_res` rows."""
-  h_res, _ = sinkhorn_forward(res_rows, num_iters=num_iters, eps=eps)
+  h_res, _ = sinkhorn_forward(res_rows, num_iters=num_iters, eps=eps, loop=loop)
   return jax.nn.sigmoid(pre) + eps, post_scale * jax.nn.sigmoid(post), h_res
 
 
 def coefficients_vjp_rows(pre, post, res_rows, g_pre, g_post, g_res_rows, *, num_iters, eps,
-                          post_scale):
+                          post_scale, loop=False):
   """Cotangents of the logits (same layout) given those of `h_pre`, `h_post`, `h_res`."""
   s_pre, s_post = jax.nn.sigmoid(pre), jax.nn.sigmoid(post)
-  d_res = sinkhorn_vjp(res_rows, g_res_rows, num_iters=num_iters, eps=eps)
+  d_res = sinkhorn_vjp(res_rows, g_res_rows, num_iters=num_iters, eps=eps, loop=loop)
   return g_pre * s_pre * (1.0 - s_pre), g_post * (post_scale * s_post * (1.0 - s_post)), d_res
 
 

@@ -92,6 +92,94 @@ def overlapped_sends(hlo_text: str) -> list[int]:
   return between
 
 
+_INSTR_RE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*)$")
+_ARRAY_RE = re.compile(r"(pred|[a-z]+\d+)\[([\d,]*)\]")
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4,
+               "u32": 4, "f64": 8, "s64": 8}
+
+
+def _arrays(type_text: str) -> list[tuple[int, int]]:
+  """`(elements, bytes)` of each array in an HLO type (an array or a tuple of them)."""
+  out = []
+  for dtype, dims in _ARRAY_RE.findall(type_text):
+    elements = math.prod(int(d) for d in dims.split(",") if d)
+    out.append((elements, elements * _ITEM_BYTES.get(dtype, 4)))
+  return out
+_RELAYOUTS = ("copy", "transpose", "reshape")  # after layout assignment a free reshape is a bitcast
+_TRANSPARENT = ("bitcast", "get-tuple-element", "copy-start", "copy-done")
+
+
+@dataclasses.dataclass
+class _Hlo:
+  """The instructions of a compiled HLO module: enough to walk around its kernel calls."""
+  instrs: dict  # name -> (op, largest array's elements, operand names, called computation, bytes)
+  roots: dict  # computation -> op of its root
+  users: dict  # name -> names of the instructions that use it
+  kernels: list  # custom calls whose line names the kernel prefix
+
+
+def _parse_hlo(hlo_text: str, prefix: str) -> _Hlo:
+  hlo = _Hlo({}, {}, collections.defaultdict(list), [])
+  computation = None
+  for line in hlo_text.splitlines():
+    if line.endswith("{") and not line.startswith(" "):
+      computation = line.split(" ", 1)[0].lstrip("%")
+      continue
+    if (m := _INSTR_RE.match(line)) is None:
+      continue
+    name, arrays, op, rest = m.group(1), _arrays(m.group(2)), m.group(3), m.group(4)
+    calls = re.search(r"calls=%([\w.-]+)", rest)
+    operands = re.findall(r"%([\w.-]+)", rest.split("),", 1)[0])
+    hlo.instrs[name] = (op, max((e for e, _ in arrays), default=0), operands,
+                        calls.group(1) if calls else None, sum(b for _, b in arrays))
+    if line.lstrip().startswith("ROOT"):
+      hlo.roots[computation] = op
+    for o in operands:
+      hlo.users[o].append(name)
+    if op == "custom-call" and prefix in line:  # TPU names the call after the kernel; the
+      hlo.kernels.append(name)  # GPU's `pallas_call.N` carries the name in its backend config
+  return hlo
+
+
+def kernel_relayouts(hlo_text: str, min_elements: int, prefix: str = "mhc_") -> list[str]:
+  """Relayouts of big arrays (>= `min_elements`) feeding or fed by the kernels named `prefix*`.
+
+  Reads the compiled HLO: for each operand and result of those custom calls, follows bitcasts,
+  tuple elements and async copies to the producing (or consuming) instruction and reports it,
+  as "kernel <- op" or "kernel -> op", when it is a copy, transpose or reshape, or a fusion whose
+  root is one. An empty list means the kernels read and write the arrays where they lie.
+  """
+  hlo = _parse_hlo(hlo_text, prefix)
+
+  def is_relayout(name):
+    op, size, _, calls, _ = hlo.instrs[name]
+    return size >= min_elements and (op in _RELAYOUTS or (op == "fusion" and
+                                                           hlo.roots.get(calls) in _RELAYOUTS))
+
+  found = []
+  for kernel in hlo.kernels:
+    todo = [(o, "<-") for o in hlo.instrs[kernel][2]] + [(u, "->") for u in hlo.users[kernel]]
+    seen = set()
+    while todo:
+      name, way = todo.pop()
+      if name in seen or name not in hlo.instrs:
+        continue
+      seen.add(name)
+      if hlo.instrs[name][0] in _TRANSPARENT:
+        todo += [(n, way) for n in (hlo.instrs[name][2] if way == "<-" else hlo.users[name])]
+      elif is_relayout(name):
+        found.append(f"{kernel} {way} {name}")
+  return found
+
+
+def kernel_io_bytes(hlo_text: str, prefix: str = "mhc_") -> int:
+  """Bytes the kernels named `prefix*` read and write: each distinct operand buffer once, plus
+  their results. What they move through HBM if every block is loaded once."""
+  hlo = _parse_hlo(hlo_text, prefix)
+  return sum(sum(hlo.instrs[o][4] for o in set(hlo.instrs[k][2]) if o in hlo.instrs)
+             + hlo.instrs[k][4] for k in hlo.kernels)
+
+
 def _bytes_accessed(config: ml_collections.ConfigDict, devices: list,
                     num_layers: int) -> float | None:
   """XLA's bytes accessed by one unrolled step of one microbatch; None without cost analysis."""
@@ -191,6 +279,9 @@ class CompileReport:
   # Per stage-to-stage send (collective-permute): compute ops between its start and done (-1:
   # synchronous). Only meaningful for a pipelined model.
   pipeline_sends: list[int] = dataclasses.field(default_factory=list)
+  # Copies, transposes or reshapes of the residual streams next to the mHC kernels
+  # (`kernel_relayouts`); None when the model does not run them.
+  stream_relayouts: list[str] | None = None
 
   def lines(self) -> list[str]:
     gib = lambda b: f"{b / 2**30:.2f} GiB"
@@ -211,6 +302,8 @@ class CompileReport:
             "even one block does not fit); the roofline below is compute-only"),
         f"collectives: {self.collectives or 'none'}",
         f"fused kernels: {self.kernels or 'none'}",
+        *([f"relayouts of the streams next to the mHC kernels: {self.stream_relayouts or 'none'}"]
+          if self.stream_relayouts is not None else []),
         *([f"{self.pipeline}; sends: {len(self.pipeline_sends)} collective-permutes, compute "
            f"ops between start and done: {self.pipeline_sends}"] if self.pipeline else []),
         f"roofline step time {self.roofline_step_s * 1e3:.2f} ms, MFU {100 * self.mfu:.3g}%"
@@ -225,11 +318,6 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
   `with_bytes=False` skips the unrolled builds behind the HBM bytes per step (the roofline is
   then compute-only).
   """
-  if config.model.mhc_impl == "pallas":
-    raise ValueError(
-        "config.model.mhc_impl='pallas' cannot be compiled for a target yet: the model does not "
-        "yet apply the kernels through shard_map under a mesh, and the kernels pick their "
-        "backend from the host, not the target. Use --config.model.mhc_impl=xla.")
   devices = compile_only_devices(target)
   expert, fsdp = config.mesh.get("expert", 1), config.mesh.get("fsdp", 1)
   stage = config.mesh.get("stage", 1)
@@ -279,4 +367,17 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
       kernels=fused_kernels(compiled) if compiled is not None else {},
       out_of_memory=compiled is None,
       pipeline=train.check_pipeline(config, sharding.mesh_from_config(config.mesh, devices)),
-      pipeline_sends=overlapped_sends(compiled.as_text()) if compiled is not None else [])
+      pipeline_sends=overlapped_sends(compiled.as_text()) if compiled is not None else [],
+      stream_relayouts=_stream_relayouts(config, devices, compiled))
+
+
+def _stream_relayouts(config: ml_collections.ConfigDict, devices: list, compiled
+                      ) -> list[str] | None:
+  """`kernel_relayouts` of arrays at least one device's `(tokens, n*C)` stream tensor."""
+  model = ModelConfig.from_dict(config.model)
+  if compiled is None or model.mhc_impl != "pallas":
+    return None
+  mesh = sharding.mesh_from_config(config.mesh, devices)
+  tokens = config.batch_size // config.microbatches // sharding.batch_parallelism(mesh)
+  return kernel_relayouts(compiled.as_text(),
+                          tokens * config.seq_len * model.n_streams * model.d_model)

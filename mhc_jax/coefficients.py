@@ -92,22 +92,25 @@ def _check_shapes(x, phi, alpha, bias):
 def mhc_coefficients(
     x: jax.Array, phi: jax.Array, alpha: jax.Array, bias: jax.Array, *,
     num_iters: int = DEFAULT_NUM_ITERS, eps: float = DEFAULT_EPS, post_scale: float = 2.0,
-    impl: str = "xla",
+    impl: str = "xla", mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Computes `(h_pre (..., n), h_post (..., n), h_res (..., n, n))` from streams `x (..., n, C)`.
 
   `v = vec(x)` is stream-major; `h = alpha * (v @ phi) * rsqrt(mean(v**2) + eps) + bias`, then
   `sigmoid + eps`, `post_scale * sigmoid` and Sinkhorn. `v @ phi` is computed before the RMS
   scale, as the fused kernel does (one read of `v`, two reductions). `impl="pallas"` runs the
-  fused kernel of `kernels_pallas` (interpret mode on CPU).
+  fused kernel of `kernels_pallas` (interpret mode on CPU), through `shard_map` over `mesh`'s
+  batch axes when `mesh` is given.
   """
-  _check_shapes(x, phi, alpha, bias)
-  if impl == "pallas":
-    import kernels_pallas  # pylint: disable=g-import-not-at-top  (optional dependency)
-    return kernels_pallas.mhc_coefficients(
-        x, phi, alpha, bias, num_iters=num_iters, eps=eps, post_scale=post_scale)
+  if impl == "pallas":  # the kernel checks its own shapes; it also takes token rows (..., n*C)
+    from kernels_pallas import api, sharded  # pylint: disable=g-import-not-at-top
+    kw = dict(num_iters=num_iters, eps=eps, post_scale=post_scale)
+    if mesh is not None:
+      return sharded.mhc_coefficients(x, phi, alpha, bias, mesh=mesh, **kw)
+    return api.mhc_coefficients(x, phi, alpha, bias, **kw)
   if impl != "xla":
     raise ValueError(f"mhc_coefficients: impl must be one of {IMPLS}; got {impl!r}.")
+  _check_shapes(x, phi, alpha, bias)
   n = x.shape[-2]
   r = rms_scale(x, eps, axis=(-2, -1))[..., 0]  # (..., 1): RMS over all n*C values
   h = expand_alpha(alpha, n) * project(x, phi.astype(jnp.float32)) * r + bias.astype(jnp.float32)

@@ -80,12 +80,16 @@ class MHCConnection(nn.Module):
   """
   cfg: ModelConfig
   impl: str = "xla"
+  mesh: jax.sharding.Mesh | None = None  # pallas: the kernels run per device over its batch axes
 
   @nn.compact
   def __call__(self, x_BxSxNxC: jax.Array, sublayer_index: jax.Array) -> Coefficients:
     del sublayer_index
     cfg = self.cfg
-    n, c = x_BxSxNxC.shape[-2:]
+    if self.impl == "pallas":  # the kernels' path carries token rows (B, S, n*C) (model.Block)
+      (n, c), lead = (cfg.n_streams, cfg.d_model), x_BxSxNxC.shape[:-1]
+    else:
+      (n, c), lead = x_BxSxNxC.shape[-2:], x_BxSxNxC.shape[:-2]
     tau = cfg.mhc_res_identity_bias
     if cfg.connection == "mhc_lite":
       width = num_lite_logits(n)
@@ -97,11 +101,11 @@ class MHCConnection(nn.Module):
       res_bias = tau * jnp.eye(n).reshape(-1)
       kw = dict(num_iters=cfg.sinkhorn_iters, eps=cfg.mhc_eps)
       from_logits = functools.partial(coefficients_from_logits, n=n, **kw)
-      from_streams = functools.partial(mhc_coefficients, impl=self.impl, **kw)
+      from_streams = functools.partial(mhc_coefficients, impl=self.impl, mesh=self.mesh, **kw)
     bias_init = lambda *_: jnp.concatenate([jnp.zeros(2 * n), res_bias])
     bias = self.param("bias", _logical(bias_init, (None,)), (width,))
     if not cfg.mhc_dynamic:
-      return Coefficients(*from_logits(jnp.broadcast_to(bias, (*x_BxSxNxC.shape[:-2], width))))
+      return Coefficients(*from_logits(jnp.broadcast_to(bias, (*lead, width))))
     alpha_init = nn.initializers.constant(cfg.mhc_alpha_init)
     alpha = self.param("alpha", _logical(alpha_init, (None,)), (3,))
     phi = self.param("phi", _logical(
@@ -133,9 +137,10 @@ class ExitCollapse(nn.Module):
     return y.astype(x_BxSxNxC.dtype)
 
 
-def make_connection(cfg: ModelConfig, name: str, impl: str = "xla") -> nn.Module:
+def make_connection(cfg: ModelConfig, name: str, impl: str = "xla",
+                    mesh: jax.sharding.Mesh | None = None) -> nn.Module:
   if cfg.connection == "residual":
     return ResidualConnection(cfg, name=name)
   if cfg.connection == "hc":
     return HyperConnection(cfg, name=name)
-  return MHCConnection(cfg, impl=impl, name=name)
+  return MHCConnection(cfg, impl=impl, mesh=mesh, name=name)

@@ -28,6 +28,7 @@ from mhc_jax.recompute import block_groups, optimal_group
 from mhc_jax.streams import expand_streams, post_res_mix, pre_mix
 
 STREAM_AXES = ("batch", "length", "streams", "embed")
+TOKEN_ROW_AXES = ("batch", "length", None)  # the streams as token rows (B, S, n*C)
 
 # Remat policies by config name. `mhc_block` is the paper's block recompute (docs/math.md §8)
 # with L_r = one block (2 sublayers; `recompute_blocks` groups more, see recompute.py): it keeps
@@ -47,7 +48,7 @@ REMAT_POLICIES = {
 
 def resolve_impl(cfg: ModelConfig) -> str:
   """`cfg.mhc_impl`, falling back to XLA (with a warning) where the kernels do not apply."""
-  if cfg.mhc_impl != "pallas" or cfg.connection != "mhc":
+  if cfg.mhc_impl != "pallas" or cfg.connection != "mhc" or cfg.n_streams == 1:
     return "xla"
   import kernels_pallas  # pylint: disable=g-import-not-at-top
   try:
@@ -83,14 +84,20 @@ class Block(nn.Module):
 
     sublayers = (("attn", lambda u: attention(cfg, self.mesh, name="attn")(u, sin_SxR, cos_SxR)),
                  ("mlp", moe_sublayer if self.moe else lambda u: SwiGLU(cfg, name="mlp")(u)))
+    # Parameters do not depend on the implementation: initialise through XLA (the kernels'
+    # shard_map would not split the one-sequence init batch over the mesh).
+    impl = "xla" if self.is_initializing() else self.impl
     all_coeffs = []
     for k, (name, sublayer) in enumerate(sublayers):
-      x_BxSxNxC = nn.with_logical_constraint(x_BxSxNxC, STREAM_AXES)
-      coeffs = make_connection(cfg, f"{name}_conn", self.impl)(x_BxSxNxC, 2 * block_index + k)
-      u_BxSxC = pre_mix(x_BxSxNxC, coeffs.h_pre, impl=self.impl)
+      x_BxSxNxC = nn.with_logical_constraint(
+          x_BxSxNxC, TOKEN_ROW_AXES if impl == "pallas" else STREAM_AXES)
+      coeffs = make_connection(cfg, f"{name}_conn", impl, self.mesh)(
+          x_BxSxNxC, 2 * block_index + k)
+      u_BxSxC = pre_mix(x_BxSxNxC, coeffs.h_pre, impl=impl, mesh=self.mesh)
       y_BxSxC = sublayer(RMSNorm(cfg.norm_eps, dt, name=f"{name}_norm")(u_BxSxC))
       y_BxSxC = checkpoint_name(y_BxSxC, "sublayer_out")
-      x_BxSxNxC = post_res_mix(x_BxSxNxC, y_BxSxC, coeffs.h_post, coeffs.h_res, impl=self.impl)
+      x_BxSxNxC = post_res_mix(x_BxSxNxC, y_BxSxC, coeffs.h_post, coeffs.h_res, impl=impl,
+                               mesh=self.mesh)
       all_coeffs.append(coeffs)
     stacked = jax.tree.map(lambda *c: jnp.stack(c), *all_coeffs) if self.return_coeffs else None
     return x_BxSxNxC, (stacked, stats[0] if stats else None)
@@ -173,6 +180,11 @@ class DecoderLM(nn.Module):
     sin_SxR, cos_SxR = rope_tables(tokens_BxS.shape[1], cfg.rope_dim, cfg.rope_theta)
 
     impl = resolve_impl(cfg)
+    # With the kernels the streams travel between blocks as token rows (B, S, n*C): a
+    # (B, S, n, C) array is tiled over (n, C) on TPU, so every kernel would need a relayout copy.
+    token_rows = impl == "pallas" and not self.is_initializing()
+    if token_rows:
+      x_BxSxNxC = x_BxSxNxC.reshape(*x_BxSxC.shape[:-1], -1)
     dense_blocks = cfg.num_layers - cfg.moe_blocks
     staged = self.mesh is not None and self.mesh.shape.get("stage", 1) > 1
     outputs = []  # (coeffs, moe_stats) of each stack, layers first
@@ -198,6 +210,8 @@ class DecoderLM(nn.Module):
         out = jax.tree.map(lambda *o: jnp.stack(o), *per_block)
       outputs.append(out)
 
+    if token_rows:
+      x_BxSxNxC = x_BxSxNxC.reshape(*x_BxSxC.shape[:-1], cfg.n_streams, cfg.d_model)
     y_BxSxC = RMSNorm(cfg.norm_eps, dt, name="final_norm")(ExitCollapse(cfg, name="exit")(x_BxSxNxC))
     logits_BxSxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, name="lm_head",
                             kernel_init=dense_init(cfg.d_model, ("embed", "vocab")))(y_BxSxC)

@@ -67,20 +67,28 @@ def _post_res_mix_bwd(res, dout_xNxC):
 _post_res_mix_xla.defvjp(_post_res_mix_fwd, _post_res_mix_bwd)
 
 
-def pre_mix(x_BxSxNxC: jax.Array, h_pre_BxSxN: jax.Array, *, impl: str = "xla") -> jax.Array:
-  """`u = sum_i h_pre[i] * x_i`, `(..., n, C) -> (..., C)`."""
+def pre_mix(x_BxSxNxC: jax.Array, h_pre_BxSxN: jax.Array, *, impl: str = "xla",
+            mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+  """`u = sum_i h_pre[i] * x_i`, `(..., n, C) -> (..., C)`.
+
+  `impl="pallas"` runs the kernel, per device through `shard_map` when `mesh` is given.
+  """
   if impl == "pallas":
-    import kernels_pallas  # pylint: disable=g-import-not-at-top
-    return kernels_pallas.pre_mix(x_BxSxNxC, h_pre_BxSxN)
+    from kernels_pallas import api, sharded  # pylint: disable=g-import-not-at-top
+    if mesh is not None:
+      return sharded.pre_mix(x_BxSxNxC, h_pre_BxSxN, mesh=mesh)
+    return api.pre_mix(x_BxSxNxC, h_pre_BxSxN)
   return _pre_mix_xla(x_BxSxNxC, h_pre_BxSxN)
 
 
 def post_res_mix(
     x_BxSxNxC: jax.Array, y_BxSxC: jax.Array, h_post_BxSxN: jax.Array,
-    h_res_BxSxNxN: jax.Array, *, impl: str = "xla",
+    h_res_BxSxNxN: jax.Array, *, impl: str = "xla", mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
   """`x'_i = sum_j h_res[i, j] * x_j + h_post[i] * y`, `(..., n, C) -> (..., n, C)`."""
   if impl == "pallas":
-    import kernels_pallas  # pylint: disable=g-import-not-at-top
-    return kernels_pallas.post_res_mix(x_BxSxNxC, y_BxSxC, h_post_BxSxN, h_res_BxSxNxN)
+    from kernels_pallas import api, sharded  # pylint: disable=g-import-not-at-top
+    if mesh is not None:
+      return sharded.post_res_mix(x_BxSxNxC, y_BxSxC, h_post_BxSxN, h_res_BxSxNxN, mesh=mesh)
+    return api.post_res_mix(x_BxSxNxC, y_BxSxC, h_post_BxSxN, h_res_BxSxNxN)
   return _post_res_mix_xla(x_BxSxNxC, y_BxSxC, h_post_BxSxN, h_res_BxSxNxN)

@@ -225,10 +225,64 @@ def test_mesh_that_does_not_match_the_chips_is_refused():
   assert "does not match the 4 chips of --target=v5e-4" in _error_line(proc)
 
 
-def test_pallas_model_is_refused_with_the_reason():
-  from launch.cli import load_config  # pylint: disable=g-import-not-at-top
-  from mhc_jax import aot  # pylint: disable=g-import-not-at-top
-  config = load_config(SMOKE)
-  config.model.mhc_impl = "pallas"
-  with pytest.raises(ValueError, match=r"mhc_impl='pallas' cannot be compiled .* shard_map"):
-    aot.compile_report(config, targets.parse_target("v5p-8"))
+@needs_libtpu
+@pytest.mark.slow
+def test_pallas_train_step_compiles_for_v5p_without_stream_relayouts(tmp_path):
+  """v5p-8-mhc-pallas-2blocks-C256-seq512-bfloat16: the model runs the kernels (Mosaic, not the
+  host's interpreter) per chip under shard_map, and the compiled HLO has no copy, transpose or
+  reshape of the streams before or after any of them."""
+  out = tmp_path / "compile.json"
+  proc = _compile(TPU_PYTHON, f"--config={SMOKE},mhc", "--target=v5p-8", "--nobytes",
+                  "--config.model.mhc_impl=pallas", "--config.model.d_model=256",
+                  "--config.seq_len=512", "--config.batch_size=8",
+                  "--config.model.dtype=bfloat16", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  kernels = report["kernels"]
+  for name in ("mhc_coefficients_fwd", "mhc_coefficients_bwd", "mhc_pre_mix_fwd",
+               "mhc_pre_mix_bwd", "mhc_post_res_mix_fwd", "mhc_post_res_mix_bwd"):
+    assert kernels.get(name, 0) >= 1, kernels  # 2 blocks x 2 sublayers, scanned: >= 1 each
+  assert report["stream_relayouts"] == [], report["stream_relayouts"]
+  assert report["fits"]
+
+
+def _kernel_matrix(python, targets_csv, out):
+  return subprocess.run([str(python), "-m", "launch.compile_kernels", f"--targets={targets_csv}",
+                         "--subset=ci", f"--json={out}"], cwd=REPO, capture_output=True,
+                        text=True, timeout=900, check=False)
+
+
+def _check_kernel_matrix(proc, out, targets_list):
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  # Every kernel, direction and dtype, on every target; no relayout next to any kernel.
+  assert {(r["target"], r["kernel"], r["direction"]) for r in rows} == {
+      (t, k, d) for t in targets_list for k in ("coefficients", "pre_mix", "post_res_mix")
+      for d in ("fwd", "vjp")}
+  assert {r["dtype"] for r in rows} == {"bfloat16", "float32"}
+  assert all(r["ok"] and r["relayouts"] == [] for r in rows), rows
+  return rows
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_kernels_compile_for_tpu(tmp_path):
+  """v5e-4, v5p-8 and v6e-4 (Mosaic), 4 x 4096 tokens: each kernel forward and VJP once per
+  target, bfloat16 and float32 alternating, n in {2, 4, 8} and C in {128, 1280, 2560} rotating
+  (`launch.compile_kernels --subset=ci`; each case's target, dtype and shape is in its row)."""
+  out = tmp_path / "kernels.json"
+  rows = _check_kernel_matrix(_kernel_matrix(TPU_PYTHON, "v5e-4,v5p-8,v6e-4", out), out,
+                              ["v5e-4", "v5p-8", "v6e-4"])
+  assert {(r["kernel"], r["direction"], r["dtype"]) for r in rows} == {
+      (k, d, t) for k in ("coefficients", "pre_mix", "post_res_mix") for d in ("fwd", "vjp")
+      for t in ("bfloat16", "float32")}
+
+
+@needs_cuda_plugin
+@pytest.mark.slow
+def test_kernels_compile_for_h100(tmp_path):
+  """h100 (Triton, ptxas), 4 x 4096 tokens: each kernel forward and VJP once, as above; the
+  coefficient kernels' loops stay loops, so each builds in seconds."""
+  out = tmp_path / "kernels.json"
+  _check_kernel_matrix(_kernel_matrix(CUDA_PYTHON, "h100", out), out, ["h100"])
+
