@@ -70,9 +70,11 @@ def build(kernel: str, direction: str, dtype, n: int, c: int, seq_len: int, devi
   else:
     fn = lambda x, y, hp, hr: api.post_res_mix(x, y, hp, hr, block_sizes=bs)
     args = (x, arg((*lead, c), dtype), arg((*lead, n)), arg((*lead, n, n)))
-  if direction == "vjp":
-    forward = fn
-    fn = lambda *a: jax.vjp(forward, *a)[1](forward(*a))
+  if direction == "vjp":  # forward and backward, the cotangent an argument (not recomputed)
+    forward, primals = fn, args
+    cotangent = jax.tree.map(lambda o: arg(o.shape, o.dtype), jax.eval_shape(forward, *primals))
+    fn = lambda ct, *a: jax.vjp(forward, *a)[1](ct)
+    args = (cotangent, *primals)
   return jax.jit(fn), args
 
 
@@ -123,8 +125,8 @@ def main(argv):
                                                  _TOKENS.value, device)}
       results.append(r)
       failed += not r["ok"]
-      minimum = (f" (min {r['min_bytes_per_token']:.0f}, x{r['io_bytes_per_token'] / r['min_bytes_per_token']:.3f})"
-                 if r.get("min_bytes_per_token") else "")
+      low = r.get("min_bytes_per_token")
+      minimum = f" (min {low:.0f}, x{r['io_bytes_per_token'] / low:.3f})" if low else ""
       verdict = (f"ok {r['compile_s']:6.1f} s  temp {r['temp_bytes'] / 2**20:8.1f} MiB  kernel I/O "
                  f"{r['io_bytes_per_token']:.0f} B/token{minimum}"
                  if r["ok"] else f"FAILED: {r.get('error') or r['relayouts']}")

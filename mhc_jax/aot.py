@@ -176,8 +176,14 @@ def kernel_io_bytes(hlo_text: str, prefix: str = "mhc_") -> int:
   """Bytes the kernels named `prefix*` read and write: each distinct operand buffer once, plus
   their results. What they move through HBM if every block is loaded once."""
   hlo = _parse_hlo(hlo_text, prefix)
-  return sum(sum(hlo.instrs[o][4] for o in set(hlo.instrs[k][2]) if o in hlo.instrs)
-             + hlo.instrs[k][4] for k in hlo.kernels)
+
+  def source(name):  # a bitcast is the same buffer: one array passed as several operands
+    while name in hlo.instrs and hlo.instrs[name][0] == "bitcast":
+      name = hlo.instrs[name][2][0]
+    return name
+
+  return sum(sum(hlo.instrs[o][4] for o in {source(o) for o in hlo.instrs[k][2]}
+                 if o in hlo.instrs) + hlo.instrs[k][4] for k in hlo.kernels)
 
 
 def _bytes_accessed(config: ml_collections.ConfigDict, devices: list,

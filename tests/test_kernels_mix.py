@@ -79,6 +79,20 @@ class MixTest(parameterized.TestCase):
     for g, r in zip(got, want):
       np.testing.assert_allclose(g, r, atol=1e-5 * np.max(np.abs(r)), rtol=0)
 
+  def test_token_rows_equal_the_stream_axis(self):
+    """Streams as token rows `(..., n*C)` (how the model carries them): the same values and
+    gradients as `(..., n, C)`, in the shape they came in."""
+    x, y, h_post, h_res = _inputs(4, 256, 64, jnp.bfloat16, seed=3)
+    rows = x.reshape(*x.shape[:-2], -1)
+    f = lambda x: kernels_pallas.post_res_mix(x, y, h_post, h_res, block_sizes=self._bs())
+    chex.assert_trees_all_equal(f(rows), f(x).reshape(rows.shape))
+    chex.assert_trees_all_equal(kernels_pallas.pre_mix(rows, h_post, block_sizes=self._bs()),
+                                kernels_pallas.pre_mix(x, h_post, block_sizes=self._bs()))
+    loss = lambda x: jnp.sum(jnp.sin(f(x).astype(jnp.float32)))
+    chex.assert_trees_all_equal(jax.grad(loss)(rows), jax.grad(loss)(x).reshape(rows.shape))
+    with self.assertRaisesRegex(ValueError, "flat streams must have shape"):
+      kernels_pallas.pre_mix(rows[..., :-1], h_post)
+
   def test_rejects_bad_shapes(self):
     x, y, h_post, h_res = _inputs(4, 128, 16, jnp.float32)
     with self.assertRaisesRegex(ValueError, "C=100 is not a positive multiple of 128"):
