@@ -44,8 +44,8 @@ def coefficients_bwd(proj_KxT, rms_1xT, g_KxT, alpha_Kx1, bias_Kx1, *, n, num_it
       in_specs=[lanes(kp), lanes(1), lanes(kp), full, full],
       out_specs=lanes(kp),
       out_shape=jax.ShapeDtypeStruct((kp, t), jnp.float32),
-      # The Sinkhorn iterates it keeps for the backward dominate its on-chip memory.
-      compiler_params=common.compiler_params(backend_name, 1, 2 * num_iters * n * n * bt * 4),
+      compiler_params=common.compiler_params(
+          backend_name, 1, common.sinkhorn_tape_bytes(n, bt, num_iters)),
       interpret=backend_name == "interpret",
       cost_estimate=common.cost_estimate(
           flops=120 * num_iters * t * n * n, transcendentals=2 * t * (n * n + 2 * n),

@@ -112,8 +112,12 @@ def coefficients_bytes(n, c, itemsize, bs: BlockSizes, backend_name: str, num_it
     return (bt + kp) * bk * 4
   blocks = 2 * (bt * width * itemsize + kp * width * 4)  # double-buffered stream block and phi
   temps = 3 * bt * bk * 4 + (2 * kp + SUMSQ_ROWS) * bt * 4 * 2
-  tape = 2 * num_iters * n * n * bt * 4  # the backward's Sinkhorn iterates
-  return blocks + max(temps, tape)
+  return blocks + max(temps, sinkhorn_tape_bytes(n, bt, num_iters))
+
+
+def sinkhorn_tape_bytes(n, block_tokens, num_iters) -> int:
+  """The Sinkhorn iterates the coefficient backward keeps on chip (its largest buffer)."""
+  return 2 * num_iters * n * n * block_tokens * 4
 
 
 def mixing_bytes(n, c, itemsize, bs: BlockSizes, backend_name: str) -> int:

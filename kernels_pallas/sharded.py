@@ -18,8 +18,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from kernels_pallas import api, common
-
-BATCH_AXES = ("data", "fsdp", "expert")
+from mhc_jax.sharding import BATCH_AXES
 
 
 def _token_axes(mesh, batch_axis, seq_axis):
