@@ -27,6 +27,18 @@ def _token_axes(mesh, batch_axis, seq_axis):
   return batch_axis, seq_axis
 
 
+def _shard_map(fn, mesh, in_specs, out_specs):
+  """`shard_map` over the axes of `mesh` not already manual. Inside an enclosing `shard_map`
+  (a pipeline stage, manual over `stage`) it nests: it takes the context's mesh, whose `stage`
+  axis is manual, and maps over the rest."""
+  context = jax.sharding.get_abstract_mesh()
+  if context.manual_axes:
+    mesh = context
+  free = set(mesh.axis_names) - set(context.manual_axes)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=free,
+                       check_vma=False)
+
+
 def for_mesh(mesh, block_sizes=None) -> common.BlockSizes:
   """`block_sizes` (or the defaults) with the backend of `mesh`'s devices."""
   name = common.backend_for_platform(mesh.devices.flat[0].platform)
@@ -48,26 +60,23 @@ def mhc_coefficients(x_BxSxNxC, phi, alpha, bias, *, mesh, batch_axis=None, seq_
   """`api.mhc_coefficients` per shard; kwargs are its statics. `batch_axis=None`: the mesh's
   batch axes among ("data", "fsdp", "expert")."""
   s = _specs(mesh, batch_axis, seq_axis, x_BxSxNxC)
-  fn = jax.shard_map(
+  fn = _shard_map(
       functools.partial(api.mhc_coefficients, block_sizes=for_mesh(mesh, block_sizes), **kwargs),
-      mesh=mesh, check_vma=False, in_specs=(s["streams"], s["rep"], s["rep"], s["rep"]),
-      out_specs=(s["coef"], s["coef"], s["res"]))
+      mesh, (s["streams"], s["rep"], s["rep"], s["rep"]), (s["coef"], s["coef"], s["res"]))
   return fn(x_BxSxNxC, phi, alpha, bias)
 
 
 def pre_mix(x_BxSxNxC, h_pre_BxSxN, *, mesh, batch_axis=None, seq_axis=None, block_sizes=None):
   s = _specs(mesh, batch_axis, seq_axis, x_BxSxNxC)
-  fn = jax.shard_map(
-      functools.partial(api.pre_mix, block_sizes=for_mesh(mesh, block_sizes)), mesh=mesh,
-      check_vma=False, in_specs=(s["streams"], s["coef"]), out_specs=s["token"])
+  fn = _shard_map(functools.partial(api.pre_mix, block_sizes=for_mesh(mesh, block_sizes)), mesh,
+                  (s["streams"], s["coef"]), s["token"])
   return fn(x_BxSxNxC, h_pre_BxSxN)
 
 
 def post_res_mix(x_BxSxNxC, y_BxSxC, h_post_BxSxN, h_res_BxSxNxN, *, mesh, batch_axis=None,
                  seq_axis=None, block_sizes=None):
   s = _specs(mesh, batch_axis, seq_axis, x_BxSxNxC)
-  fn = jax.shard_map(
-      functools.partial(api.post_res_mix, block_sizes=for_mesh(mesh, block_sizes)), mesh=mesh,
-      check_vma=False, in_specs=(s["streams"], s["token"], s["coef"], s["res"]),
-      out_specs=s["streams"])
+  fn = _shard_map(
+      functools.partial(api.post_res_mix, block_sizes=for_mesh(mesh, block_sizes)), mesh,
+      (s["streams"], s["token"], s["coef"], s["res"]), s["streams"])
   return fn(x_BxSxNxC, y_BxSxC, h_post_BxSxN, h_res_BxSxNxN)

@@ -127,11 +127,15 @@ class _Chunk(nn.Module):
   cfg: ModelConfig
   impl: str
   length: int
+  mesh: jax.sharding.Mesh | None = None  # pallas: the kernels' shard_map over the batch axes
 
   @nn.compact
   def __call__(self, x_BxSxNxC, block_index_L, sin_SxR, cos_SxR):
-    stack = _block_stack(self.cfg, self.impl, False, False, None, self.length, False, "blocks",
-                         unroll=True)
+    # Unrolled, the compiler may overlap a send with the chunk's compute. Not with the kernels:
+    # Shardy mis-partitions consecutive nested shard_maps once unrolled (an XLA check fails);
+    # rolled, XLA:TPU still overlaps the sends (tests/test_compile.py).
+    stack = _block_stack(self.cfg, self.impl, False, False, self.mesh, self.length, False,
+                         "blocks", unroll=self.impl != "pallas")
     return stack(x_BxSxNxC, block_index_L, sin_SxR, cos_SxR)[0]
 
 
@@ -154,7 +158,7 @@ class DecoderLM(nn.Module):
     cfg = self.cfg
     if cfg.attention_impl == "auto":
       cfg = dataclasses.replace(cfg, attention_impl="xla")
-    chunk = _Chunk(cfg, impl, length)
+    chunk = _Chunk(cfg, impl, length, self.mesh if impl == "pallas" else None)
 
     def chunk_fn(params, x, chunk_index):
       index_L = chunk_index * length + jnp.arange(length)

@@ -20,7 +20,9 @@ On its last stage a pass that is not the last goes back to stage 0, which keeps 
 next pass starts; that needs `M >= d S` for the circular schedule.
 
 Inside a stage `model.attention_impl=auto` means XLA attention: the splash kernel runs in a
-`shard_map` of its own, which does not nest in this one.
+`shard_map` of its own, which does not nest in this one. The mHC kernels (`mhc_impl=pallas`) do
+nest: their `shard_map` maps the batch axes of the context mesh, whose `stage` axis is already
+manual (kernels_pallas/sharded.py). Their chunk is a rolled scan (see `model._Chunk`).
 
 Backward: JAX differentiates the tick loop; the transpose of each `ppermute` is the reverse
 `ppermute`, so gradients flow stage to stage backwards. Each chunk is the model's own block
@@ -67,7 +69,7 @@ def bubble_fraction(stages: int, cfg: PipelineConfig) -> float:
 
 def check(cfg: PipelineConfig, stages: int, *, num_layers: int, moe_blocks: int,
           scan_layers: bool, batch_size: int, batch_ways: int,
-          attention_impl: str = "auto", mhc_impl: str = "xla") -> None:
+          attention_impl: str = "auto") -> None:
   """Raises a `ValueError` naming the field and the fix when the pipeline cannot run."""
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f"config.pipeline.schedule={cfg.schedule!r}; expected one of {SCHEDULES}.")
@@ -91,10 +93,6 @@ def check(cfg: PipelineConfig, stages: int, *, num_layers: int, moe_blocks: int,
     raise ValueError(f"model.attention_impl='splash' cannot run inside a pipeline stage "
                      f"(mesh.stage={stages}): its shard_map does not nest in the pipeline's. "
                      "Use model.attention_impl=auto (XLA in stages) or mesh.stage=1.")
-  if mhc_impl == "pallas":
-    raise ValueError(f"model.mhc_impl='pallas' cannot run inside a pipeline stage (mesh.stage="
-                     f"{stages}): the kernels' shard_map does not nest in the pipeline's. Use "
-                     "model.mhc_impl=xla or mesh.stage=1.")
   chunks = stages * cfg.repeats
   if num_layers % chunks:
     raise ValueError(f"model.num_layers={num_layers} must split into mesh.stage={stages} x "

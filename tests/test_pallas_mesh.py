@@ -1,5 +1,7 @@
 """`mhc_impl="pallas"` under a mesh (8 fake CPU devices, interpret mode): the kernels run per
-device through `shard_map`, and the loss and gradients equal the XLA path's on the same mesh."""
+device through `shard_map`, and the loss and gradients equal the XLA path's on the same mesh.
+Inside pipeline stages (`stage 2 x data 2 x model 2`) their `shard_map` nests in the pipeline's,
+and the loss and gradients still equal the XLA path's."""
 
 import json
 import os
@@ -10,6 +12,7 @@ from absl.testing import absltest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = dict(data=2, fsdp=2, model=2)
+STAGED_MESH = dict(stage=2, data=2, model=2)
 
 
 def _child():
@@ -25,9 +28,12 @@ def _child():
   config = default.get_config("smoke")
   config.batch_size, config.seq_len = 8, 16
   config.model.update(connection="mhc", d_model=128, sinkhorn_iters=4)  # 128: smallest kernel C
+  config.pipeline.microbatches = 2  # used on the staged mesh only
   tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (8, 17), np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  mesh = sharding.make_mesh(MESH["data"], MESH["model"], fsdp=MESH["fsdp"])
+  meshes = {"flat": sharding.make_mesh(MESH["data"], MESH["model"], fsdp=MESH["fsdp"]),
+            "staged": sharding.make_mesh(STAGED_MESH["data"], STAGED_MESH["model"],
+                                         stage=STAGED_MESH["stage"])}
 
   def off_symmetric(params):
     """Random connection biases: at init the streams are replicas and the mixing is symmetric,
@@ -38,8 +44,8 @@ def _child():
         if "conn" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path) else p,
         params)
 
-  def loss_and_grads(impl):
-    config.model.mhc_impl = impl
+  def loss_and_grads(impl, mesh_name="flat"):
+    config.model.mhc_impl, mesh = impl, meshes[mesh_name]
     state, state_shard = train.build_state(config, mesh)
     state = state.replace(params=off_symmetric(state.params))
     fn = lambda s, b: steps._loss_and_grads(s.params, s.apply_fn, b)  # pylint: disable=protected-access
@@ -49,27 +55,40 @@ def _child():
     return float(loss), grads, calls
 
   loss_xla, g_xla, _ = loss_and_grads("xla")
-  loss_pallas, g_pallas, kernel_calls = loss_and_grads("pallas")
   g_max = max(float(np.max(np.abs(np.asarray(g)))) for g in jax.tree.leaves(g_xla))
-  g_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-               for a, b in zip(jax.tree.leaves(g_xla), jax.tree.leaves(g_pallas)))
-  print(json.dumps(dict(loss=[loss_xla, loss_pallas], grad_rel=g_diff / g_max,
-                        kernel_calls=kernel_calls, backend=sharded.for_mesh(mesh).backend)))
+  out = {"backend": sharded.for_mesh(meshes["flat"]).backend}
+  for mesh_name in meshes:
+    loss, grads, kernel_calls = loss_and_grads("pallas", mesh_name)
+    g_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                 for a, b in zip(jax.tree.leaves(g_xla), jax.tree.leaves(grads)))
+    out[mesh_name] = dict(loss=[loss_xla, loss], grad_rel=g_diff / g_max,
+                          kernel_calls=kernel_calls)
+  print(json.dumps(out))
 
 
 class PallasMeshTest(absltest.TestCase):
 
-  def test_pallas_loss_and_grads_match_xla_on_a_mesh(self):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
     proc = subprocess.run(
         [sys.executable, "-c", "import tests.test_pallas_mesh as t; t._child()"], cwd=REPO,
         capture_output=True, text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    self.assertEqual(r["backend"], "interpret")  # follows the mesh's (CPU) devices
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cls.results = json.loads(proc.stdout.strip().splitlines()[-1])
+
+  def _check_matches_xla(self, r):
     self.assertGreater(r["kernel_calls"], 0)  # the pallas step really runs the kernels
     self.assertLess(abs(r["loss"][1] - r["loss"][0]), 1e-5 * r["loss"][0])
     # float32 rounding of sums in another order (test_model_pallas measures 2.4 eps of max|g|).
     self.assertLess(r["grad_rel"], 1e-5)
+
+  def test_pallas_loss_and_grads_match_xla_on_a_mesh(self):
+    self.assertEqual(self.results["backend"], "interpret")  # follows the mesh's (CPU) devices
+    self._check_matches_xla(self.results["flat"])
+
+  def test_pallas_in_pipeline_stages_matches_xla(self):
+    self._check_matches_xla(self.results["staged"])
 
 
 if __name__ == "__main__":
