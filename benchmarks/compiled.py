@@ -7,6 +7,13 @@ seq 4096, bfloat16, AdamW) and prints, per variant, per-device memory, HBM bytes
 step, and the roofline step time, each also as a ratio to the residual baseline of the same run.
 Variants are `connection[/mhc_impl][:remat_policy]` (`mhc/pallas`: the fused kernels); the first
 is the baseline.
+
+  .venv-tpu/bin/python -m benchmarks.compiled --breakdown --variants=residual,mhc/pallas
+
+`--breakdown` says where one block's bytes go instead: from unrolled 1- and 2-block builds, the
+second block's XLA bytes accessed and its HBM traffic read from the compiled HLO
+(`mhc_jax.hlo_traffic`), split into the mHC ops, VMEM prefetches and the rest, then the op
+groups that differ most from the baseline's.
 """
 
 import json
@@ -17,7 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import app, flags  # pylint: disable=wrong-import-position
 
 from launch.cli import load_config  # pylint: disable=wrong-import-position
-from mhc_jax import aot, targets  # pylint: disable=wrong-import-position
+from mhc_jax import aot, hlo_traffic, targets  # pylint: disable=wrong-import-position
 
 _TARGET = flags.DEFINE_string("target", "v5p-8", "Compile-only target (see mhc_jax.targets).")
 _VARIANTS = flags.DEFINE_list(
@@ -27,6 +34,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch; 0 = one sequence p
 _SEQ = flags.DEFINE_integer("seq_len", 4096, "Sequence length.")
 _LAYERS = flags.DEFINE_integer("num_layers", 12, "Transformer blocks.")
 _JSON = flags.DEFINE_string("json", None, "Write {variant: report} here.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Where one block's bytes go, per variant.")
+_TOP = flags.DEFINE_integer("top", 12, "--breakdown: op groups listed.")
 
 
 def paper_3b_dense(variant: str, chips: int):
@@ -40,9 +49,44 @@ def paper_3b_dense(variant: str, chips: int):
   return cfg
 
 
+def block_breakdown(target) -> None:
+  """Prints, per variant, what its second block adds: XLA's bytes and the HLO's HBM traffic."""
+  devices, mb = targets.compile_only_devices(target), 1e6
+  per_block = {}
+  for v in _VARIANTS.value:
+    builds = [aot.compile_unrolled(paper_3b_dense(v, target.chips), devices, k) for k in (1, 2)]
+    xla = [float(b.cost_analysis()["bytes accessed"]) for b in builds]
+    hlo_ops = [hlo_traffic.ops(b.as_text()) for b in builds]
+    split = [hlo_traffic.split(o) for o in hlo_ops]
+    groups = [hlo_traffic.by_group(o) for o in hlo_ops]
+    per_block[v] = dict(
+        xla=xla[1] - xla[0], **{k: split[1][k] - split[0][k] for k in split[0]},
+        groups={g: groups[1].get(g, 0) - groups[0].get(g, 0) for g in set(groups[0]) | set(groups[1])})
+  base = _VARIANTS.value[0]
+  print(f"{target.name}: one block (C 1280, seq {_SEQ.value}, bf16), MB per chip; "
+        "HLO = HBM traffic read from the compiled program (mhc_jax.hlo_traffic)")
+  print(f"{'variant':22s} {'XLA bytes':>10s} {'HLO total':>10s} {'mHC ops':>9s} "
+        f"{'prefetch':>9s} {'rest':>9s} {'XLA x':>6s} {'HLO x':>6s}")
+  for v, r in per_block.items():
+    total = r["mhc"] + r["prefetch"] + r["rest"]
+    base_total = sum(per_block[base][k] for k in ("mhc", "prefetch", "rest"))
+    print(f"{v:22s} {r['xla'] / mb:10.0f} {total / mb:10.0f} {r['mhc'] / mb:9.0f} "
+          f"{r['prefetch'] / mb:9.0f} {r['rest'] / mb:9.0f} {r['xla'] / per_block[base]['xla']:6.3f} "
+          f"{total / base_total:6.3f}")
+  for v in _VARIANTS.value[1:]:
+    a, b = per_block[base]["groups"], per_block[v]["groups"]
+    diff = sorted(((b.get(g, 0) - a.get(g, 0), g) for g in set(a) | set(b)), key=lambda d: -abs(d[0]))
+    print(f"\n{v} - {base}, HLO MB per block, the {_TOP.value} largest differences:")
+    for d, g in diff[:_TOP.value]:
+      print(f"  {d / mb:8.1f}  {g}")
+
+
 def main(argv):
   del argv
   target = targets.parse_target(_TARGET.value)
+  if _BREAKDOWN.value:
+    block_breakdown(target)
+    return
   reports = {v: aot.compile_report(paper_3b_dense(v, target.chips), target)
              for v in _VARIANTS.value}
   base = reports[_VARIANTS.value[0]]

@@ -141,8 +141,10 @@ def _parse_hlo(hlo_text: str, prefix: str) -> _Hlo:
   return hlo
 
 
-def kernel_relayouts(hlo_text: str, min_elements: int, prefix: str = "mhc_") -> list[str]:
-  """Relayouts of big arrays (>= `min_elements`) feeding or fed by the kernels named `prefix*`.
+def kernel_relayouts(hlo_text: str, stream_elements: int, prefix: str = "mhc_") -> list[str]:
+  """Relayouts of stream tensors (arrays of `stream_elements` elements) feeding or fed by the
+  kernels named `prefix*`. (Other arrays next to a kernel, e.g. an MoE layer gathering the
+  sublayer gradient `dy` by expert, are not the streams.)
 
   Reads the compiled HLO: for each operand and result of those custom calls, follows bitcasts,
   tuple elements and async copies to the producing (or consuming) instruction and reports it,
@@ -153,7 +155,7 @@ def kernel_relayouts(hlo_text: str, min_elements: int, prefix: str = "mhc_") -> 
 
   def is_relayout(name):
     op, size, _, calls, _ = hlo.instrs[name]
-    return size >= min_elements and (op in _RELAYOUTS or (op == "fusion" and
+    return size == stream_elements and (op in _RELAYOUTS or (op == "fusion" and
                                                            hlo.roots.get(calls) in _RELAYOUTS))
 
   found = []
@@ -186,14 +188,20 @@ def kernel_io_bytes(hlo_text: str, prefix: str = "mhc_") -> int:
                  if o in hlo.instrs) + hlo.instrs[k][4] for k in hlo.kernels)
 
 
-def _bytes_accessed(config: ml_collections.ConfigDict, devices: list,
-                    num_layers: int) -> float | None:
-  """XLA's bytes accessed by one unrolled step of one microbatch; None without cost analysis."""
+def compile_unrolled(config: ml_collections.ConfigDict, devices: list, num_layers: int) -> Any:
+  """The train step of one microbatch with `num_layers` blocks, unrolled (no layer scan, whose
+  body XLA's cost analysis would count once)."""
   small = copy.deepcopy(config)
   small.model.num_layers, small.model.scan_layers = num_layers, False
   small.batch_size, small.microbatches = config.batch_size // config.microbatches, 1
+  return compile_train_step(small, devices)
+
+
+def _bytes_accessed(config: ml_collections.ConfigDict, devices: list,
+                    num_layers: int) -> float | None:
+  """XLA's bytes accessed by one unrolled step of one microbatch; None without cost analysis."""
   try:
-    cost = compile_train_step(small, devices).cost_analysis()
+    cost = compile_unrolled(config, devices, num_layers).cost_analysis()
   except jax.errors.JaxRuntimeError as e:
     if _oom_temp_bytes(e) is None:
       raise
@@ -379,7 +387,7 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
 
 def _stream_relayouts(config: ml_collections.ConfigDict, devices: list, compiled
                       ) -> list[str] | None:
-  """`kernel_relayouts` of arrays at least one device's `(tokens, n*C)` stream tensor."""
+  """`kernel_relayouts` of one device's `(tokens, n*C)` stream tensor."""
   model = ModelConfig.from_dict(config.model)
   if compiled is None or model.mhc_impl != "pallas":
     return None

@@ -25,7 +25,7 @@ from mhc_jax.mla import MLA
 from mhc_jax.moe import MoE
 from mhc_jax.pipeline import PipelineConfig, run_pipeline
 from mhc_jax.recompute import block_groups, optimal_group
-from mhc_jax.streams import expand_streams, post_res_mix, pre_mix
+from mhc_jax.streams import expand_stream_rows, expand_streams, post_res_mix, pre_mix
 
 STREAM_AXES = ("batch", "length", "streams", "embed")
 TOKEN_ROW_AXES = ("batch", "length", None)  # the streams as token rows (B, S, n*C)
@@ -180,15 +180,13 @@ class DecoderLM(nn.Module):
         cfg.vocab_size, cfg.d_model, dtype=dt, name="embed",
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                     ("vocab", "embed")))(tokens_BxS)
-    x_BxSxNxC = expand_streams(x_BxSxC, cfg.n_streams)
     sin_SxR, cos_SxR = rope_tables(tokens_BxS.shape[1], cfg.rope_dim, cfg.rope_theta)
 
     impl = resolve_impl(cfg)
     # With the kernels the streams travel between blocks as token rows (B, S, n*C): a
     # (B, S, n, C) array is tiled over (n, C) on TPU, so every kernel would need a relayout copy.
     token_rows = impl == "pallas" and not self.is_initializing()
-    if token_rows:
-      x_BxSxNxC = x_BxSxNxC.reshape(*x_BxSxC.shape[:-1], -1)
+    x_BxSxNxC = (expand_stream_rows if token_rows else expand_streams)(x_BxSxC, cfg.n_streams)
     dense_blocks = cfg.num_layers - cfg.moe_blocks
     staged = self.mesh is not None and self.mesh.shape.get("stage", 1) > 1
     outputs = []  # (coeffs, moe_stats) of each stack, layers first

@@ -20,6 +20,12 @@ def expand_streams(x_BxSxC: jax.Array, n: int) -> jax.Array:
   return jnp.broadcast_to(x_BxSxC[..., None, :], (*x_BxSxC.shape[:-1], n, x_BxSxC.shape[-1]))
 
 
+def expand_stream_rows(x_BxSxC: jax.Array, n: int) -> jax.Array:
+  """`expand_streams` as token rows, `(B, S, C) -> (B, S, n*C)`: built by concatenation, since
+  XLA:TPU lays a broadcast to `(B, S, n, C)` out over `(n, C)` and would copy it into rows."""
+  return jnp.concatenate([x_BxSxC] * n, axis=-1)
+
+
 @jax.custom_vjp
 def _pre_mix_xla(x_xNxC, h_pre_xN):
   u = jnp.sum(h_pre_xN[..., :, None] * x_xNxC.astype(_F32), axis=-2)

@@ -289,3 +289,33 @@ def test_kernels_compile_for_h100(tmp_path):
   out = tmp_path / "kernels.json"
   _check_kernel_matrix(_kernel_matrix(CUDA_PYTHON, "h100", out), out, ["h100"])
 
+
+
+# A compiled-HLO excerpt: a stream tensor (4096 x 512 elements) copied into token rows before a
+# kernel, and an MoE-style gather of the kernel's `dy` by expert after it (a bigger array, in a
+# fusion whose root is a reshape: not the streams).
+_KERNEL_HLO = """\
+%fused_gather (p0: bf16[4096,128], p1: s32[32768]) -> bf16[32768,128] {
+  %p0 = bf16[4096,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %p1 = s32[32768]{0:T(1024)} parameter(1)
+  %g = bf16[32768,1,128]{2,1,0:T(8,128)(2,1)} gather(%p0, %p1), offset_dims={2}
+  ROOT %r = bf16[32768,128]{1,0:T(8,128)(2,1)} reshape(%g)
+}
+
+ENTRY %main.1 (param.0: bf16[4096,4,128], param.1: s32[32768]) -> bf16[32768,128] {
+  %param.0 = bf16[4096,4,128]{2,1,0:T(4,128)(2,1)} parameter(0)
+  %param.1 = s32[32768]{0:T(1024)} parameter(1)
+  %copy.7 = bf16[4096,4,128]{2,0,1:T(8,128)(2,1)} copy(%param.0)
+  %bitcast.1 = bf16[4096,512]{1,0:T(8,128)(2,1)} bitcast(%copy.7)
+  %mhc_post_res_mix_bwd.2 = (bf16[4096,512]{1,0:T(8,128)(2,1)}, bf16[4096,128]{1,0:T(8,128)(2,1)}) custom-call(%bitcast.1), custom_call_target="tpu_custom_call"
+  %get-tuple-element.3 = bf16[4096,128]{1,0:T(8,128)(2,1)} get-tuple-element(%mhc_post_res_mix_bwd.2), index=1
+  ROOT %gather_fusion.4 = bf16[32768,128]{1,0:T(8,128)(2,1)} fusion(%get-tuple-element.3, %param.1), kind=kCustom, calls=%fused_gather
+}
+"""
+
+
+def test_relayout_detector_flags_stream_copies_only():
+  from mhc_jax import aot  # pylint: disable=g-import-not-at-top
+  assert aot.kernel_relayouts(_KERNEL_HLO, 4096 * 512) == ["mhc_post_res_mix_bwd.2 <- copy.7"]
+  assert aot.kernel_relayouts(_KERNEL_HLO.replace("copy(%param.0)", "add(%param.0, %param.0)"),
+                              4096 * 512) == []
