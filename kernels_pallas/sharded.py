@@ -3,9 +3,9 @@ over batch/sequence.
 
 Mosaic and Triton kernels cannot be partitioned by XLA, so under a mesh each device runs them on
 its own tokens (every kernel is per token). phi, alpha and bias are replicated; their gradients
-are summed over the token axes by `shard_map`'s transpose. `check_vma=False` because
-`pallas_call` outputs carry no varying-axes type. The stream and feature axes are never sharded
-(spec §1); axes of the mesh that split neither (e.g. `model`) see replicated activations.
+are summed over the token axes by `shard_map`'s transpose. The stream and feature axes are never
+sharded (spec §1); axes of the mesh that split neither (e.g. `model`) see replicated activations.
+Inside a pipeline stage the `shard_map` nests in the pipeline's (`sharding.kernel_shard_map`).
 
 The kernel backend follows the mesh's devices, not the host: a compile-only TPU mesh built on a
 CPU host gets Mosaic, not the interpreter. `block_sizes=None` takes that backend's defaults.
@@ -18,25 +18,13 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from kernels_pallas import api, common
-from mhc_jax.sharding import BATCH_AXES
+from mhc_jax.sharding import BATCH_AXES, kernel_shard_map
 
 
 def _token_axes(mesh, batch_axis, seq_axis):
   if batch_axis is None:
     batch_axis = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
   return batch_axis, seq_axis
-
-
-def _shard_map(fn, mesh, in_specs, out_specs):
-  """`shard_map` over the axes of `mesh` not already manual. Inside an enclosing `shard_map`
-  (a pipeline stage, manual over `stage`) it nests: it takes the context's mesh, whose `stage`
-  axis is manual, and maps over the rest."""
-  context = jax.sharding.get_abstract_mesh()
-  if context.manual_axes:
-    mesh = context
-  free = set(mesh.axis_names) - set(context.manual_axes)
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=free,
-                       check_vma=False)
 
 
 def for_mesh(mesh, block_sizes=None) -> common.BlockSizes:
@@ -60,7 +48,7 @@ def mhc_coefficients(x_BxSxNxC, phi, alpha, bias, *, mesh, batch_axis=None, seq_
   """`api.mhc_coefficients` per shard; kwargs are its statics. `batch_axis=None`: the mesh's
   batch axes among ("data", "fsdp", "expert")."""
   s = _specs(mesh, batch_axis, seq_axis, x_BxSxNxC)
-  fn = _shard_map(
+  fn = kernel_shard_map(
       functools.partial(api.mhc_coefficients, block_sizes=for_mesh(mesh, block_sizes), **kwargs),
       mesh, (s["streams"], s["rep"], s["rep"], s["rep"]), (s["coef"], s["coef"], s["res"]))
   return fn(x_BxSxNxC, phi, alpha, bias)
@@ -68,15 +56,16 @@ def mhc_coefficients(x_BxSxNxC, phi, alpha, bias, *, mesh, batch_axis=None, seq_
 
 def pre_mix(x_BxSxNxC, h_pre_BxSxN, *, mesh, batch_axis=None, seq_axis=None, block_sizes=None):
   s = _specs(mesh, batch_axis, seq_axis, x_BxSxNxC)
-  fn = _shard_map(functools.partial(api.pre_mix, block_sizes=for_mesh(mesh, block_sizes)), mesh,
-                  (s["streams"], s["coef"]), s["token"])
+  fn = kernel_shard_map(
+      functools.partial(api.pre_mix, block_sizes=for_mesh(mesh, block_sizes)), mesh,
+      (s["streams"], s["coef"]), s["token"])
   return fn(x_BxSxNxC, h_pre_BxSxN)
 
 
 def post_res_mix(x_BxSxNxC, y_BxSxC, h_post_BxSxN, h_res_BxSxNxN, *, mesh, batch_axis=None,
                  seq_axis=None, block_sizes=None):
   s = _specs(mesh, batch_axis, seq_axis, x_BxSxNxC)
-  fn = _shard_map(
+  fn = kernel_shard_map(
       functools.partial(api.post_res_mix, block_sizes=for_mesh(mesh, block_sizes)), mesh,
       (s["streams"], s["token"], s["coef"], s["res"]), s["streams"])
   return fn(x_BxSxNxC, y_BxSxC, h_post_BxSxN, h_res_BxSxNxN)

@@ -8,8 +8,8 @@ differ from `D` (MLA). `model.attention_impl`:
 - `cudnn`: `jax.nn.dot_product_attention` with cuDNN's fused flash attention (NVIDIA GPUs).
 - `splash`: the Pallas splash-attention kernel that ships with JAX for TPU
   (`jax.experimental.pallas.ops.tpu.splash_attention`), with its backward kernels. Mosaic kernels
-  cannot be partitioned by XLA, so on a mesh it runs inside `shard_map`: batch over the batch
-  axes, heads over `model`. Needs `S` to be a multiple of 128; values narrower than the queries
+  cannot be partitioned by XLA, so on a mesh it runs inside `shard_map` (nested in the
+  pipeline's inside a stage): batch over the batch axes, heads over `model`. Needs `S` to be a multiple of 128; values narrower than the queries
   are zero-padded to their width (which changes no value). On CPU it is interpreted.
 - `auto`: splash on TPU when `S` allows, cuDNN on GPU in bfloat16/float16, XLA elsewhere. The
   platform is that of the devices the step is built for, not the host's.
@@ -24,7 +24,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec as P
 
-from mhc_jax.sharding import BATCH_AXES
+from mhc_jax.sharding import BATCH_AXES, kernel_shard_map
 
 IMPLS = ("auto", "xla", "cudnn", "splash")
 LANES = 128
@@ -60,8 +60,11 @@ def _splash_kernel(heads: int, seq_len: int, interpret: bool):
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
   mask = masks.MultiHeadMask([masks.CausalMask((seq_len, seq_len))] * heads)
-  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+  # Cached across traces, so its mask arrays must be concrete: built inside a jit they would be
+  # that trace's tracers, and the next jit to reuse the kernel would fail (leaked tracer).
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 def _splash_local(q_BxSxNxD, k_BxSxKxD, v_BxSxKxV, interpret: bool):
@@ -121,5 +124,5 @@ def causal_attention(q_BxSxNxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.
   batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
   heads = HEAD_MESH_AXIS if HEAD_MESH_AXIS in mesh.axis_names else None
   spec = P(batch, None, heads, None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                       check_vma=False)(q_BxSxNxD, k_BxSxKxD, v_BxSxKxD)
+  return kernel_shard_map(local, mesh, (spec, spec, spec), spec)(q_BxSxNxD, k_BxSxKxD,
+                                                                  v_BxSxKxD)

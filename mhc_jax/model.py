@@ -10,7 +10,6 @@ Attention is grouped-query (`Attention`) or latent (`MLA`). With `num_experts > 
 one row per MoE block), which the train step needs for the balancing bias.
 """
 
-import dataclasses
 import logging
 
 import flax.linen as nn
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mhc_jax.attention import attention_impl_for
 from mhc_jax.config import ModelConfig
 from mhc_jax.connections import Coefficients, ExitCollapse, make_connection
 from mhc_jax.layers import Attention, RMSNorm, SwiGLU, dense_init, rope_tables
@@ -127,15 +127,13 @@ class _Chunk(nn.Module):
   cfg: ModelConfig
   impl: str
   length: int
-  mesh: jax.sharding.Mesh | None = None  # pallas: the kernels' shard_map over the batch axes
+  mesh: jax.sharding.Mesh | None = None  # for the kernels' shard_map (mHC, splash)
+  unroll: bool = True
 
   @nn.compact
   def __call__(self, x_BxSxNxC, block_index_L, sin_SxR, cos_SxR):
-    # Unrolled, the compiler may overlap a send with the chunk's compute. Not with the kernels:
-    # Shardy mis-partitions consecutive nested shard_maps once unrolled (an XLA check fails);
-    # rolled, XLA:TPU still overlaps the sends (tests/test_compile.py).
     stack = _block_stack(self.cfg, self.impl, False, False, self.mesh, self.length, False,
-                         "blocks", unroll=self.impl != "pallas")
+                         "blocks", unroll=self.unroll)
     return stack(x_BxSxNxC, block_index_L, sin_SxR, cos_SxR)[0]
 
 
@@ -154,11 +152,14 @@ class DecoderLM(nn.Module):
     """The dense stack through the pipeline over the mesh's `stage` axis."""
     chunks = self.mesh.shape["stage"] * self.pipeline.repeats
     length = self.cfg.num_layers // chunks
-    # Splash needs its own shard_map, which does not nest in the pipeline's: `auto` means XLA.
-    cfg = self.cfg
-    if cfg.attention_impl == "auto":
-      cfg = dataclasses.replace(cfg, attention_impl="xla")
-    chunk = _Chunk(cfg, impl, length, self.mesh if impl == "pallas" else None)
+    # Unrolled, the compiler may overlap a send with the chunk's compute. Not with kernels in
+    # their own shard_map (mHC's, splash): nested in the pipeline's, Shardy mis-partitions
+    # consecutive ones once unrolled (an XLA check fails). Rolled, XLA:TPU still overlaps the
+    # sends (tests/test_compile.py).
+    attention = attention_impl_for(self.mesh, self.cfg.attention_impl, x_BxSxNxC.shape[1],
+                                   self.cfg.activation_dtype)
+    nested = impl == "pallas" or attention == "splash"
+    chunk = _Chunk(self.cfg, impl, length, self.mesh, unroll=not nested)
 
     def chunk_fn(params, x, chunk_index):
       index_L = chunk_index * length + jnp.arange(length)

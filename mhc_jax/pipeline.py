@@ -19,10 +19,10 @@ v5p builds in benchmarks/README.md, "Pipeline"), so the doubled fill is rarely w
 On its last stage a pass that is not the last goes back to stage 0, which keeps it until its
 next pass starts; that needs `M >= d S` for the circular schedule.
 
-Inside a stage `model.attention_impl=auto` means XLA attention: the splash kernel runs in a
-`shard_map` of its own, which does not nest in this one. The mHC kernels (`mhc_impl=pallas`) do
-nest: their `shard_map` maps the batch axes of the context mesh, whose `stage` axis is already
-manual (kernels_pallas/sharded.py). Their chunk is a rolled scan (see `model._Chunk`).
+Kernels that XLA cannot partition (the mHC kernels, splash attention) run in a `shard_map` of
+their own, which nests in this one: it maps the other axes of the context mesh, whose `stage`
+axis is already manual (`sharding.kernel_shard_map`). A chunk with them is a rolled scan (see
+`DecoderLM._pipelined`).
 
 Backward: JAX differentiates the tick loop; the transpose of each `ppermute` is the reverse
 `ppermute`, so gradients flow stage to stage backwards. Each chunk is the model's own block
@@ -68,8 +68,7 @@ def bubble_fraction(stages: int, cfg: PipelineConfig) -> float:
 
 
 def check(cfg: PipelineConfig, stages: int, *, num_layers: int, moe_blocks: int,
-          scan_layers: bool, batch_size: int, batch_ways: int,
-          attention_impl: str = "auto") -> None:
+          scan_layers: bool, batch_size: int, batch_ways: int) -> None:
   """Raises a `ValueError` naming the field and the fix when the pipeline cannot run."""
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f"config.pipeline.schedule={cfg.schedule!r}; expected one of {SCHEDULES}.")
@@ -89,10 +88,6 @@ def check(cfg: PipelineConfig, stages: int, *, num_layers: int, moe_blocks: int,
                      f"{moe_blocks}: set mesh.stage=1 (use mesh.expert and mesh.fsdp instead).")
   if not scan_layers:
     raise ValueError(f"mesh.stage={stages} needs model.scan_layers=True.")
-  if attention_impl == "splash":
-    raise ValueError(f"model.attention_impl='splash' cannot run inside a pipeline stage "
-                     f"(mesh.stage={stages}): its shard_map does not nest in the pipeline's. "
-                     "Use model.attention_impl=auto (XLA in stages) or mesh.stage=1.")
   chunks = stages * cfg.repeats
   if num_layers % chunks:
     raise ValueError(f"model.num_layers={num_layers} must split into mesh.stage={stages} x "

@@ -102,3 +102,14 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
   """Assembles every process's local rows into one global `jax.Array` per field."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def kernel_shard_map(fn, mesh: jax.sharding.Mesh, in_specs, out_specs):
+  """`jax.shard_map` of a per-device kernel (Pallas calls cannot be partitioned by XLA) over the
+  axes of `mesh` not already manual. Inside an enclosing `shard_map` (a pipeline stage, manual
+  over `stage`) it nests: it maps the context mesh, whose `stage` axis is manual, over the rest.
+  `check_vma=False`: a `pallas_call`'s outputs carry no varying-axes type."""
+  context = jax.sharding.get_abstract_mesh()
+  free = set(mesh.axis_names) - set(context.manual_axes)
+  return jax.shard_map(fn, mesh=context if context.manual_axes else mesh, in_specs=in_specs,
+                       out_specs=out_specs, axis_names=free, check_vma=False)

@@ -52,7 +52,7 @@ def check_pipeline(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
   model = ModelConfig.from_dict(config.model)
   pipeline.check(cfg, stages, num_layers=model.num_layers, moe_blocks=model.moe_blocks,
                  scan_layers=model.scan_layers, batch_size=config.batch_size // config.microbatches,
-                 batch_ways=sharding.batch_parallelism(mesh), attention_impl=model.attention_impl)
+                 batch_ways=sharding.batch_parallelism(mesh))
   if stages == 1:
     return None
   return (f"pipeline: {stages} stages, {cfg.schedule} x{cfg.repeats}, {cfg.microbatches} "

@@ -230,8 +230,9 @@ def test_mesh_that_does_not_match_the_chips_is_refused():
 @pytest.mark.parametrize("stage", [1, 2], ids=["mesh-data4", "mesh-stage2-data2"])
 def test_pallas_train_step_compiles_for_v5p_without_stream_relayouts(tmp_path, stage):
   """v5p-8-mhc-pallas-4blocks-C256-seq512-bfloat16: the model runs the kernels (Mosaic, not the
-  host's interpreter) per chip under shard_map, also nested in 2 pipeline stages of 2 blocks, and
-  the compiled HLO has no copy, transpose or reshape of the streams before or after any of them."""
+  host's interpreter) per chip under shard_map, also nested in 2 pipeline stages of 2 blocks
+  (with splash attention, `auto` on TPU), and the compiled HLO has no copy, transpose or reshape
+  of the streams before or after any of them."""
   out = tmp_path / "compile.json"
   proc = _compile(TPU_PYTHON, f"--config={SMOKE},mhc", "--target=v5p-8", "--nobytes",
                   "--config.model.mhc_impl=pallas", "--config.model.d_model=256",
@@ -245,6 +246,7 @@ def test_pallas_train_step_compiles_for_v5p_without_stream_relayouts(tmp_path, s
   for name in ("mhc_coefficients_fwd", "mhc_coefficients_bwd", "mhc_pre_mix_fwd",
                "mhc_pre_mix_bwd", "mhc_post_res_mix_fwd", "mhc_post_res_mix_bwd"):
     assert kernels.get(name, 0) >= 1, kernels  # 4 blocks x 2 sublayers, scanned: >= 1 each
+  assert any(k.startswith("splash_mha_fwd") for k in kernels), kernels
   assert report["stream_relayouts"] == [], report["stream_relayouts"]
   assert report["fits"]
 
