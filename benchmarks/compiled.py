@@ -16,6 +16,7 @@ second block's XLA bytes accessed and its HBM traffic read from the compiled HLO
 groups that differ most from the baseline's.
 """
 
+import collections
 import json
 import os
 
@@ -49,35 +50,39 @@ def paper_3b_dense(variant: str, chips: int):
   return cfg
 
 
+def _second_block(v: str, target) -> dict:
+  """What the second block adds to the unrolled build of variant `v`: XLA's bytes accessed, the
+  HLO's HBM traffic split into mHC ops / VMEM prefetches / rest, and the traffic by op group."""
+  devices = targets.compile_only_devices(target)
+  one, two = (aot.compile_unrolled(paper_3b_dense(v, target.chips), devices, k) for k in (1, 2))
+  ops = [hlo_traffic.ops(b.as_text()) for b in (one, two)]
+  split = [hlo_traffic.split(o) for o in ops]
+  groups = [collections.Counter(hlo_traffic.by_group(o)) for o in ops]
+  groups[1].subtract(groups[0])
+  return dict(xla=float(two.cost_analysis()["bytes accessed"]) -
+              float(one.cost_analysis()["bytes accessed"]),
+              **{k: split[1][k] - split[0][k] for k in split[0]}, groups=groups[1])
+
+
 def block_breakdown(target) -> None:
-  """Prints, per variant, what its second block adds: XLA's bytes and the HLO's HBM traffic."""
-  devices, mb = targets.compile_only_devices(target), 1e6
-  per_block = {}
-  for v in _VARIANTS.value:
-    builds = [aot.compile_unrolled(paper_3b_dense(v, target.chips), devices, k) for k in (1, 2)]
-    xla = [float(b.cost_analysis()["bytes accessed"]) for b in builds]
-    hlo_ops = [hlo_traffic.ops(b.as_text()) for b in builds]
-    split = [hlo_traffic.split(o) for o in hlo_ops]
-    groups = [hlo_traffic.by_group(o) for o in hlo_ops]
-    per_block[v] = dict(
-        xla=xla[1] - xla[0], **{k: split[1][k] - split[0][k] for k in split[0]},
-        groups={g: groups[1].get(g, 0) - groups[0].get(g, 0) for g in set(groups[0]) | set(groups[1])})
-  base = _VARIANTS.value[0]
+  """Prints, per variant, what one block costs, and the op groups that differ most from the
+  baseline's."""
+  per_block = {v: _second_block(v, target) for v in _VARIANTS.value}
+  hlo_total = {v: r["mhc"] + r["prefetch"] + r["rest"] for v, r in per_block.items()}
+  base, mb = _VARIANTS.value[0], 1e6
   print(f"{target.name}: one block (C 1280, seq {_SEQ.value}, bf16), MB per chip; "
         "HLO = HBM traffic read from the compiled program (mhc_jax.hlo_traffic)")
   print(f"{'variant':22s} {'XLA bytes':>10s} {'HLO total':>10s} {'mHC ops':>9s} "
         f"{'prefetch':>9s} {'rest':>9s} {'XLA x':>6s} {'HLO x':>6s}")
   for v, r in per_block.items():
-    total = r["mhc"] + r["prefetch"] + r["rest"]
-    base_total = sum(per_block[base][k] for k in ("mhc", "prefetch", "rest"))
-    print(f"{v:22s} {r['xla'] / mb:10.0f} {total / mb:10.0f} {r['mhc'] / mb:9.0f} "
-          f"{r['prefetch'] / mb:9.0f} {r['rest'] / mb:9.0f} {r['xla'] / per_block[base]['xla']:6.3f} "
-          f"{total / base_total:6.3f}")
+    print(f"{v:22s} {r['xla'] / mb:10.0f} {hlo_total[v] / mb:10.0f} {r['mhc'] / mb:9.0f} "
+          f"{r['prefetch'] / mb:9.0f} {r['rest'] / mb:9.0f} "
+          f"{r['xla'] / per_block[base]['xla']:6.3f} {hlo_total[v] / hlo_total[base]:6.3f}")
   for v in _VARIANTS.value[1:]:
-    a, b = per_block[base]["groups"], per_block[v]["groups"]
-    diff = sorted(((b.get(g, 0) - a.get(g, 0), g) for g in set(a) | set(b)), key=lambda d: -abs(d[0]))
+    diff = per_block[v]["groups"].copy()
+    diff.subtract(per_block[base]["groups"])
     print(f"\n{v} - {base}, HLO MB per block, the {_TOP.value} largest differences:")
-    for d, g in diff[:_TOP.value]:
+    for g, d in sorted(diff.items(), key=lambda item: -abs(item[1]))[:_TOP.value]:
       print(f"  {d / mb:8.1f}  {g}")
 
 

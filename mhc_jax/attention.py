@@ -9,8 +9,9 @@ differ from `D` (MLA). `model.attention_impl`:
 - `splash`: the Pallas splash-attention kernel that ships with JAX for TPU
   (`jax.experimental.pallas.ops.tpu.splash_attention`), with its backward kernels. Mosaic kernels
   cannot be partitioned by XLA, so on a mesh it runs inside `shard_map` (nested in the
-  pipeline's inside a stage): batch over the batch axes, heads over `model`. Needs `S` to be a multiple of 128; values narrower than the queries
-  are zero-padded to their width (which changes no value). On CPU it is interpreted.
+  pipeline's inside a stage): batch over the batch axes, heads over `model`. Needs `S` to be a
+  multiple of 128; values narrower than the queries are zero-padded to their width (which
+  changes no value). On CPU it is interpreted.
 - `auto`: splash on TPU when `S` allows, cuDNN on GPU in bfloat16/float16, XLA elsewhere. The
   platform is that of the devices the step is built for, not the host's.
 """

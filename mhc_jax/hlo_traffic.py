@@ -82,7 +82,7 @@ def ops(hlo_text: str) -> list[Op]:
 
 
 def group(op: Op) -> str:
-  """A readable key: the opcode and JAX's op_name with the per-layer index and jit prefix dropped."""
+  """A readable key: the opcode and JAX's op_name, without the layer index and jit prefix."""
   name = re.sub(r"jit\(train_step\)/|\.\d+", "", op.op_name)
   name = re.sub(r"_\d+/", "_i/", name)
   return f"{op.opcode} | {'/'.join(name.split('/')[:6])}"
