@@ -195,7 +195,7 @@ def test_out_of_memory_is_reported_not_raised(tmp_path):
   """v5e-4-smoke-seq8192-float32: XLA:TPU refuses the program; the report says by how much."""
   out = tmp_path / "compile.json"
   proc = _compile(TPU_PYTHON, f"--config={SMOKE}", "--target=v5e-4", "--config.batch_size=256",
-                  "--config.seq_len=8192", f"--json={out}")
+                  "--config.seq_len=8192", "--nobytes", f"--json={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert not report["fits"] and report["out_of_memory"]
