@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mhc_jax import sharding, train
+from mhc_jax import hlo_traffic, sharding, train
 from mhc_jax.config import ModelConfig
 from mhc_jax.flops import train_flops_per_step
 from mhc_jax.targets import Target, compile_only_devices
@@ -92,19 +92,6 @@ def overlapped_sends(hlo_text: str) -> list[int]:
   return between
 
 
-_INSTR_RE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*)$")
-_ARRAY_RE = re.compile(r"(pred|[a-z]+\d+)\[([\d,]*)\]")
-_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4,
-               "u32": 4, "f64": 8, "s64": 8}
-
-
-def _arrays(type_text: str) -> list[tuple[int, int]]:
-  """`(elements, bytes)` of each array in an HLO type (an array or a tuple of them)."""
-  out = []
-  for dtype, dims in _ARRAY_RE.findall(type_text):
-    elements = math.prod(int(d) for d in dims.split(",") if d)
-    out.append((elements, elements * _ITEM_BYTES.get(dtype, 4)))
-  return out
 _RELAYOUTS = ("copy", "transpose", "reshape")  # after layout assignment a free reshape is a bitcast
 _TRANSPARENT = ("bitcast", "get-tuple-element", "copy-start", "copy-done")
 
@@ -125,9 +112,10 @@ def _parse_hlo(hlo_text: str, prefix: str) -> _Hlo:
     if line.endswith("{") and not line.startswith(" "):
       computation = line.split(" ", 1)[0].lstrip("%")
       continue
-    if (m := _INSTR_RE.match(line)) is None:
+    if (m := hlo_traffic.INSTR_RE.match(line)) is None:
       continue
-    name, arrays, op, rest = m.group(1), _arrays(m.group(2)), m.group(3), m.group(4)
+    name, op, rest = m.group(1), m.group(3), m.group(4)
+    arrays = [(e, b) for e, b, _ in hlo_traffic.arrays(m.group(2))]
     calls = re.search(r"calls=%([\w.-]+)", rest)
     operands = re.findall(r"%([\w.-]+)", rest.split("),", 1)[0])
     hlo.instrs[name] = (op, max((e for e, _ in arrays), default=0), operands,

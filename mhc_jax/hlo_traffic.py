@@ -11,14 +11,16 @@ operands and results, counted where they lie in HBM. What the model assumes:
 - A fusion reads the whole of each operand and writes its whole result; a kernel reads its
   operands once. Kernels that re-read blocks (flash attention's keys and values) are undercounted,
   so compare variants that share them.
-Bookkeeping instructions (parameters, tuples, bitcasts, `*-done`) move nothing.
+Bookkeeping instructions (parameters, tuples, bitcasts, `*-done`) move nothing. A loop body is
+counted once, so read unrolled programs (`aot.compile_unrolled`).
 """
 
 import collections
 import dataclasses
+import math
 import re
 
-_INSTR_RE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*)$")
+INSTR_RE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*)$")  # name, type, op, rest
 _ARRAY_RE = re.compile(r"(pred|[a-z]+\d+)\[([\d,]*)\](\{[^}]*\})?")
 _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4,
                "u32": 4, "f64": 8, "s64": 8}
@@ -26,8 +28,8 @@ _FREE = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "afte
          "copy-done", "all-gather-done", "all-reduce-done", "collective-permute-done",
          "opt-barrier", "partition-id", "replica-id"}
 # Computations whose instructions run inside another one (fusion, reduction, sort bodies).
-_BODY_RE = re.compile(r"(fused_|wrapped_|region_|bitcast_fusion|add|max|min|and|or|ge|gt|lt|"
-                      r"select)")
+_BODY_RE = re.compile(r"(fused_|wrapped_|region_|bitcast_fusion|"
+                      r"(add|max|min|and|or|ge|gt|lt|select)([._]|$))")
 VMEM = 1  # TPU memory space of the on-chip vector memory
 
 
@@ -39,15 +41,14 @@ class Op:
   hbm_bytes: int
 
 
-def _arrays(type_text: str) -> list[tuple[int, int]]:
-  """`(bytes, memory space)` of each array in an HLO type (an array or a tuple of them)."""
+def arrays(type_text: str) -> list[tuple[int, int, int]]:
+  """`(elements, bytes, memory space)` of each array in an HLO type (an array or a tuple)."""
   out = []
   for dtype, dims, layout in _ARRAY_RE.findall(type_text):
-    elements = 1
-    for d in dims.split(","):
-      elements *= int(d) if d else 1
+    elements = math.prod(int(d) for d in dims.split(",") if d)
     space = re.search(r"S\((\d+)\)", layout or "")
-    out.append((elements * _ITEM_BYTES.get(dtype, 4), int(space.group(1)) if space else 0))
+    space = int(space.group(1)) if space else 0
+    out.append((elements, elements * _ITEM_BYTES.get(dtype, 4), space))
   return out
 
 
@@ -58,11 +59,11 @@ def ops(hlo_text: str) -> list[Op]:
     if line and not line.startswith(" ") and line.endswith("{"):
       computation = line.split(" ")[1 if line.startswith("ENTRY") else 0].lstrip("%")
       continue
-    if (m := _INSTR_RE.match(line)) is None:
+    if (m := INSTR_RE.match(line)) is None:
       continue
     name, type_text, opcode, rest = m.groups()
     operands = re.findall(r"%([\w.-]+)", rest.split("),", 1)[0])
-    types[name] = _arrays(type_text)
+    types[name] = [(b, s) for _, b, s in arrays(type_text)]
     if opcode == "bitcast":
       source[name] = source.get(operands[0], operands[0])
     elif opcode == "get-tuple-element":
