@@ -44,6 +44,7 @@ train: $(STAMP)
 	$(PY) -m launch.train --config=configs/default.py --workdir=runs/default
 
 test: $(STAMP) $(TPU_STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -n 2 --durations=25 tests
 
 # The default model's train step, compiled for a 4-chip v5p slice (v5p-8) from this host.

@@ -12,7 +12,7 @@ is the baseline.
 
 `--breakdown` says where one block's bytes go instead: from unrolled 1- and 2-block builds, the
 second block's XLA bytes accessed and its HBM traffic read from the compiled HLO
-(`mhc_jax.hlo_traffic`), split into the mHC ops, VMEM prefetches and the rest, then the op
+(`mhc_jax.aot.hlo`), split into the mHC ops, VMEM prefetches and the rest, then the op
 groups that differ most from the baseline's.
 """
 
@@ -24,8 +24,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # pylint: disable=wrong-import-position
 
-from launch.cli import load_config  # pylint: disable=wrong-import-position
-from mhc_jax import aot, hlo_traffic, targets  # pylint: disable=wrong-import-position
+from configs.loader import load_config  # pylint: disable=wrong-import-position
+from mhc_jax.aot import hlo
+from mhc_jax.aot import compile_report as aot
+from mhc_jax.aot import targets  # pylint: disable=wrong-import-position
 
 _TARGET = flags.DEFINE_string("target", "v5p-8", "Compile-only target (see mhc_jax.targets).")
 _VARIANTS = flags.DEFINE_list(
@@ -55,9 +57,9 @@ def _second_block(v: str, target) -> dict:
   HLO's HBM traffic split into mHC ops / VMEM prefetches / rest, and the traffic by op group."""
   devices = targets.compile_only_devices(target)
   one, two = (aot.compile_unrolled(paper_3b_dense(v, target.chips), devices, k) for k in (1, 2))
-  ops = [hlo_traffic.ops(b.as_text()) for b in (one, two)]
-  split = [hlo_traffic.split(o) for o in ops]
-  groups = [collections.Counter(hlo_traffic.by_group(o)) for o in ops]
+  ops = [hlo.traffic_by_op(b.as_text()) for b in (one, two)]
+  split = [hlo.traffic_split(o) for o in ops]
+  groups = [collections.Counter(hlo.traffic_by_group(o)) for o in ops]
   groups[1].subtract(groups[0])
   return dict(xla=float(two.cost_analysis()["bytes accessed"]) -
               float(one.cost_analysis()["bytes accessed"]),
@@ -71,7 +73,7 @@ def block_breakdown(target) -> None:
   hlo_total = {v: r["mhc"] + r["prefetch"] + r["rest"] for v, r in per_block.items()}
   base, mb = _VARIANTS.value[0], 1e6
   print(f"{target.name}: one block (C 1280, seq {_SEQ.value}, bf16), MB per chip; "
-        "HLO = HBM traffic read from the compiled program (mhc_jax.hlo_traffic)")
+        "HLO = HBM traffic read from the compiled program (mhc_jax.aot.hlo)")
   print(f"{'variant':22s} {'XLA bytes':>10s} {'HLO total':>10s} {'mHC ops':>9s} "
         f"{'prefetch':>9s} {'rest':>9s} {'XLA x':>6s} {'HLO x':>6s}")
   for v, r in per_block.items():

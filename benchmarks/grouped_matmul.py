@@ -22,9 +22,10 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
 
-from launch.cli import load_config  # pylint: disable=wrong-import-position
-from mhc_jax import moe, targets  # pylint: disable=wrong-import-position
-from mhc_jax.grouped_matmul import grouped_matmul  # pylint: disable=wrong-import-position
+from configs.loader import load_config  # pylint: disable=wrong-import-position
+from mhc_jax.model import moe
+from mhc_jax.aot import targets  # pylint: disable=wrong-import-position
+from mhc_jax.model.grouped_matmul import grouped_matmul  # pylint: disable=wrong-import-position
 
 _TARGET = flags.DEFINE_string("target", "v5p-8", "Compile-only TPU target (mhc_jax.targets).")
 _SIZES = flags.DEFINE_list("sizes", ["3b", "9b"], "configs/paper.py sizes (the target must be "
@@ -36,7 +37,7 @@ def layer_shape(size: str, chips: int) -> dict[str, int]:
   """One chip's grouped-matmul problem for a paper size on `chips` chips, from its config."""
   cfg = load_config(f"configs/paper.py:{size}")
   m = cfg.model
-  tokens = cfg.batch_size * cfg.seq_len // (cfg.microbatches * chips // cfg.mesh.model)
+  tokens = cfg.batch_size * cfg.seq_len // (cfg.grad_accum_steps * chips // cfg.mesh.model)
   pairs = tokens * m.experts_per_token
   return {"rows": cfg.mesh.expert * pairs, "pairs": pairs, "C": m.d_model, "F": m.expert_dim,
           "experts": m.num_experts // cfg.mesh.expert}

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels_pallas
-from mhc_jax import coefficients, streams
+from mhc_jax.core import coefficients, streams
 
 KW = dict(num_iters=20, eps=1e-6, post_scale=2.0)
 
@@ -42,7 +42,7 @@ def _ops(impl):
 
 
 def _bytes(t, n, c, item, what):
-  """Minimum HBM traffic (spec §9) for the forward, or forward + backward."""
+  """Minimum HBM traffic (math.md §9) for the forward, or forward + backward."""
   k = n * n + 2 * n
   fwd = dict(coef=t * (n * c * item + 4 * k), pre=t * (n + 1) * c * item,
              post=t * (2 * n + 1) * c * item)[what]

@@ -6,7 +6,7 @@
 
 Compiles the mHC train step (`remat_policy=mhc_block`, `recompute_blocks=L_r`) of the dense
 model and prints, per `L_r`, the compiled temp memory per device, its change against `L_r = 1`
-in the same run, and beside it the paper's stream formula (docs/math.md §8) for the shape:
+in the same run, and beside it the paper's stream formula (math.md §8) for the shape:
 `n C ceil(L / L_r)` kept + `(n + 2) C 2 L_r` rebuilt, per token. `--target=cpu` compiles for
 this host (one CPU device); any other target is a compile-only build (see mhc_jax.targets).
 """
@@ -20,9 +20,10 @@ from absl import app, flags  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
-from launch.cli import load_config  # pylint: disable=wrong-import-position
-from mhc_jax import aot, targets  # pylint: disable=wrong-import-position
-from mhc_jax.recompute import optimal_group  # pylint: disable=wrong-import-position
+from configs.loader import load_config  # pylint: disable=wrong-import-position
+from mhc_jax.aot import compile_report as aot
+from mhc_jax.aot import targets  # pylint: disable=wrong-import-position
+from mhc_jax.model.recompute import optimal_group  # pylint: disable=wrong-import-position
 
 _TARGET = flags.DEFINE_string("target", "v5p-8", "'cpu' or a compile-only target.")
 _GROUPS = flags.DEFINE_list("groups", ["1", "2", "3", "4", "6"], "L_r values, in blocks.")

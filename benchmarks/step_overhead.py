@@ -12,13 +12,12 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from mhc_jax.config import ModelConfig
-from mhc_jax.model import DecoderLM
-from mhc_jax.steps import create_state, train_step
+from mhc_jax.model.config import ModelConfig
+from mhc_jax.model.decoder import DecoderLM
+from mhc_jax.training.steps import create_state, train_step
 
 _D_MODEL = flags.DEFINE_list("d_model", ["256", "512", "1024"], "Widths to measure.")
 _LAYERS = flags.DEFINE_integer("num_layers", 4, "Transformer blocks.")

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from mhc_jax import coefficients, sinkhorn, streams
+from mhc_jax.core import coefficients, sinkhorn, streams
 
 _TOKENS = flags.DEFINE_integer("tokens", 2048, "Tokens (batch x sequence).")
 _N = flags.DEFINE_integer("n", 4, "Streams.")

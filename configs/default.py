@@ -14,6 +14,9 @@ Any field can also be set with --config.field=value, e.g. --config.model.sinkhor
 
 import ml_collections
 
+from configs.loader import parse_arg
+from mhc_jax.model.config import CONNECTIONS
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the run config; `arg` is a comma-separated list of variants (see docstring)."""
@@ -22,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = 300  # Optimizer steps.
   c.batch_size = 16  # Global batch (sequences), split over processes and devices.
   c.seq_len = 256  # Tokens per sequence.
-  c.microbatches = 1  # Gradient accumulation: the batch runs in this many slices per step.
+  c.grad_accum_steps = 1  # Gradient accumulation: the batch runs in this many slices per step.
   c.eval_every = 100  # Validation loss every this many steps (and at the end).
   c.eval_batches = 8  # Validation batches per evaluation.
   c.checkpoint_every = 100  # Checkpoint period (and at the end, and on SIGTERM).
@@ -78,27 +81,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pipeline.repeats = 1  # Chunks per stage (circular: >= 2).
   c.pipeline.overlap_sends = False  # True: send while computing the next microbatch (fill x2).
 
-  for variant in filter(None, (arg or "").split(",")):
-    _apply_variant(c, variant.strip())
+  a = parse_arg(arg, presets=(*CONNECTIONS, "smoke"), n=0, d=0,
+                example="configs/default.py:hc,n=2")
+  for preset in a.presets:
+    if preset in CONNECTIONS:
+      c.model.connection = preset
+      c.model.n_streams = 1 if preset == "residual" else max(c.model.n_streams, 2)
+    else:
+      _smoke(c)
+  if a.n:
+    c.model.n_streams = a.n
+  if a.d:
+    c.model.d_model = a.d
+    c.model.num_heads = max(a.d // 64, 1)
   return c
 
 
-def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
-  if variant in ("residual", "hc", "mhc", "mhc_lite"):
-    c.model.connection = variant
-    c.model.n_streams = 1 if variant == "residual" else max(c.model.n_streams, 2)
-  elif variant.startswith("n="):
-    c.model.n_streams = int(variant[2:])
-  elif variant.startswith("d="):
-    c.model.d_model = int(variant[2:])
-    c.model.num_heads = max(c.model.d_model // 64, 1)
-  elif variant == "smoke":
-    c.total_steps, c.batch_size, c.seq_len = 12, 4, 32
-    c.eval_every = c.checkpoint_every = c.diag_every = 6
-    c.log_every, c.eval_batches = 2, 2
-    c.model.d_model, c.model.num_layers, c.model.num_heads = 32, 2, 2
-    c.optimizer.warmup_steps = 2
-  else:
-    raise ValueError(
-        f"config argument {variant!r} is unknown: use residual, hc, mhc, mhc_lite, n=<int>, "
-        "d=<int> or smoke, comma separated (e.g. configs/default.py:hc,n=2).")
+def _smoke(cfg: ml_collections.ConfigDict) -> None:
+  """Tiny and fast, for tests."""
+  cfg.total_steps, cfg.batch_size, cfg.seq_len = 12, 4, 32
+  cfg.eval_every = cfg.checkpoint_every = cfg.diag_every = 6
+  cfg.log_every, cfg.eval_batches = 2, 2
+  cfg.model.d_model, cfg.model.num_layers, cfg.model.num_heads = 32, 2, 2
+  cfg.optimizer.warmup_steps = 2

@@ -25,43 +25,31 @@ benchmarks/README.md. The byte-level embedded corpus works with any vocabulary; 
 point `--config.data.dir` at tokens prepared with your tokenizer (launch/prepare_data.py).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from configs import default
+from configs.loader import parse_arg
+from mhc_jax.model.config import CONNECTIONS
+
 # size: (blocks, C, heads, routed experts, expert width, batch, steps, lr,
-#        mesh.expert, mesh.model, microbatches, remat). The mesh and microbatches are those of the smallest
-#        v5p slice the compile-only build fits on (benchmarks/README.md): v5p-8 (4 chips) for 3B
+#        mesh.expert, mesh.model, grad_accum_steps, remat). The mesh and accumulation are those of the
+#        smallest v5p slice the compile-only build fits on (benchmarks/README.md): v5p-8 (4 chips) for 3B
 #        and 9B, v5p-32 (16 chips, tensor parallel 2) for 27B. On another slice set
-#        --config.microbatches=batch / (chips / mesh.model): one sequence per chip per microbatch.
+#        --config.grad_accum_steps=batch / (chips / mesh.model): one sequence per chip per microbatch.
 SIZES = {
     "3b": (12, 1280, 16, 64, 896, 320, 30_000, 8.6e-4, 4, 1, 80, "full"),
     "9b": (18, 1920, 24, 64, 1280, 512, 50_000, 5.9e-4, 4, 1, 128, "full"),
     "27b": (30, 2560, 32, 72, 1536, 1280, 50_000, 4.0e-4, 8, 2, 160, "full"),
 }
-CONNECTIONS = ("residual", "hc", "mhc", "mhc_lite")
-
-
-def _default_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`configs/default.py`'s `get_config(arg)`, loaded by path (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("_mhc_default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """A paper model; `arg` is a size and a connection, comma separated (default `3b,mhc`)."""
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  unknown = [v for v in variants if v not in (*SIZES, "tiny", "smoke", *CONNECTIONS)]
-  if unknown:
-    raise ValueError(f"config argument {unknown[0]!r} is unknown: use one of {list(SIZES)}, "
-                     f"tiny or smoke, and one of {list(CONNECTIONS)} (e.g. configs/paper.py:3b,hc).")
-  sizes = [v for v in variants if v in (*SIZES, "tiny", "smoke")]
-  connections = [v for v in variants if v in CONNECTIONS]
-  c = _default_config(",".join(connections[-1:]) or "mhc")
+  a = parse_arg(arg, presets=(*SIZES, "tiny", "smoke", *CONNECTIONS),
+                example="configs/paper.py:3b,hc")
+  sizes = [v for v in a.presets if v not in CONNECTIONS]
+  connections = [v for v in a.presets if v in CONNECTIONS]
+  c = default.get_config(connections[-1] if connections else "mhc")
   _paper_architecture(c)
   for size in sizes or ["3b"]:
     if size in SIZES:
@@ -102,7 +90,7 @@ def _paper_architecture(c: ml_collections.ConfigDict) -> None:
 
 
 def _paper_size(c, blocks, width, heads, experts, expert_dim, batch, steps, lr, expert_shards,
-                tensor_shards, microbatches, remat):
+                tensor_shards, grad_accum_steps, remat):
   m = c.model
   m.num_layers, m.d_model, m.num_heads = blocks, width, heads
   m.num_experts, m.expert_dim = experts, expert_dim
@@ -111,7 +99,7 @@ def _paper_size(c, blocks, width, heads, experts, expert_dim, batch, steps, lr, 
   c.batch_size, c.total_steps, c.optimizer.lr = batch, steps, lr
   c.mesh.expert = expert_shards  # Experts split over this many devices.
   c.mesh.model = tensor_shards  # Heads, vocabulary and dense MLP split over this many.
-  c.microbatches = microbatches  # Gradient accumulation: one sequence per chip per microbatch.
+  c.grad_accum_steps = grad_accum_steps  # Gradient accumulation: one sequence per chip per step.
 
 
 def _small(c: ml_collections.ConfigDict, smoke: bool) -> None:
@@ -128,7 +116,7 @@ def _small(c: ml_collections.ConfigDict, smoke: bool) -> None:
   c.eval_every = c.checkpoint_every = 100  # Periods.
   c.diag_every, c.log_every = 50, 10  # Periods.
   c.mesh.expert = c.mesh.model = 1  # One device.
-  c.microbatches = 1  # No accumulation.
+  c.grad_accum_steps = 1  # No accumulation.
   if smoke:
     m.d_model, m.num_layers, m.num_heads, m.num_experts = 32, 2, 2, 4
     m.kv_lora_rank, m.qk_nope_dim, m.qk_rope_dim, m.v_head_dim, m.expert_dim = 16, 8, 4, 8, 16

@@ -12,25 +12,17 @@ finished runs and resumes interrupted ones. Variants (comma separated, as in con
 Any field can be overridden: --config.seeds=3, --config.train.optimizer.lr=3e-3, ...
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _default_train_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`configs/default.py`'s `get_config(arg)`, loaded by path (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("_mhc_default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from configs import default
+from configs.loader import parse_arg
+from mhc_jax.model.config import CONNECTIONS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The study config; `arg` is a comma-separated list of variants (see docstring)."""
   c = ml_collections.ConfigDict()
-  c.variants = "residual,hc,mhc,mhc_lite"  # Connections compared (comma separated).
+  c.variants = ",".join(CONNECTIONS)  # Connections compared (comma separated).
   c.seeds = 2  # Runs per variant, with seeds first_seed, first_seed + 1, ...
   c.first_seed = 0  # Seed (params init and data order) of the first run of each variant.
   c.n_streams = 4  # Expansion rate of hc / mhc / mhc_lite (residual has 1).
@@ -39,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The training run of every variant: configs/default.py with these fields changed. A high LR
   # and 16 sublayers make HC's unconstrained composite gain grow within a few hundred steps.
-  c.train = _default_train_config()  # The launch.train config every run starts from.
+  c.train = default.get_config()  # The launch.train config every run starts from.
   c.train.model.d_model = 128
   c.train.model.num_heads = 2
   c.train.model.num_layers = 8
@@ -51,12 +43,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every = 5
   c.train.checkpoint_every = 100
 
-  for variant in filter(None, (arg or "").split(",")):
-    _apply_variant(c, variant.strip())
+  for preset in parse_arg(arg, presets=("full", "quick", "smoke"),
+                          example="configs/study.py:quick").presets:
+    _apply_preset(c, preset)
   return c
 
 
-def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
+def _apply_preset(c: ml_collections.ConfigDict, variant: str) -> None:
   t = c.train
   if variant == "full":
     t.model.d_model, t.model.num_heads, t.model.num_layers = 512, 8, 16
@@ -69,13 +62,10 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     t.eval_every, t.diag_every, t.log_every, t.checkpoint_every = 50, 10, 2, 100
     t.eval_batches = 4
     c.seeds = 1
-  elif variant == "smoke":
+  else:  # smoke
     t.model.d_model, t.model.num_heads, t.model.num_layers = 32, 2, 2
     t.batch_size, t.seq_len, t.total_steps = 4, 32, 8
     t.eval_every = t.diag_every = t.checkpoint_every = 4
     t.log_every, t.eval_batches = 1, 2
     t.optimizer.warmup_steps = 2
     c.seeds, c.spike_window = 1, 3
-  else:
-    raise ValueError(f"config argument {variant!r} is unknown: use full, quick or smoke "
-                     "(e.g. configs/study.py:quick).")

@@ -1,10 +1,7 @@
-"""Config, backend dispatch and the math shared by the Pallas kernels and their reference.
+"""What every mHC kernel shares: `BlockSizes`, the backend, on-chip budgets, block helpers.
 
-The Sinkhorn and coefficient helpers take the n rows of each matrix as separate arrays of shape
-`(n, ...)`: the kernels pass `(n, block_tokens)` slices of a lane-dense `(K, tokens)` logit tile,
-the reference passes `(n, tokens)` arrays. Row sums reduce axis 0 and column sums add the row
-arrays, so there are no tiny matmuls and the same code lowers on Mosaic TPU, Triton and the
-interpreter.
+Every kernel sees the streams as token rows `(T, n*C)`: stream j of a token block is the lane
+range `[j*C, (j+1)*C)` (README.md: why). `mix_grid` gives the mixing kernels' grid and specs.
 """
 
 import dataclasses
@@ -88,7 +85,8 @@ def backend(block_sizes: BlockSizes | None = None) -> str:
   """'interpret' on CPU (or when asked), else 'tpu' or 'gpu'; `block_sizes.backend` overrides.
 
   Without an override this follows the host's default backend. A build for other devices (a
-  compile-only TPU from a CPU host) must say so: `sharded.py` sets the backend from its mesh.
+  compile-only TPU from a CPU host) must say so: `mhc_jax.parallel.platform` sets it from the
+  mesh.
   """
   if block_sizes is not None and block_sizes.backend is not None:
     return block_sizes.backend
@@ -209,112 +207,96 @@ def dot_nt(a, b):
       preferred_element_type=jnp.float32)
 
 
-# ----- Sinkhorn on the n rows of the logit matrix (spec §4) -----
-# Row i of an (n, n) matrix is one array of shape (n, ...): entry j on axis 0, tokens after.
-# Row sums reduce axis 0; column sums add the n row arrays.
-
 def sum_list(xs):
   return functools.reduce(operator.add, xs)
 
 
-def _normalize_rows(m, eps, tape):
-  dens = [jnp.sum(mi, axis=0, keepdims=True) + eps for mi in m]
-  out = [mi / d for mi, d in zip(m, dens)]
-  tape.append(("rows", out, dens))
-  return out
+def load_rows(ref, k, num):
+  """Rows `k:k+num` of a ref as float32 (a ref slice: Triton has no value slicing)."""
+  return ref[pl.ds(k, num), :].astype(jnp.float32)
 
 
-def _normalize_cols(m, eps, tape):
-  den = sum_list(m) + eps
-  out = [mi / den for mi in m]
-  tape.append(("cols", out, den))
-  return out
+def load_col(tile, k):
+  """Column k of a `(rows, m)` value as `(rows, 1)` via a masked lane reduction."""
+  lane = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 1)
+  return jnp.sum(jnp.where(lane == k, tile, 0.0), axis=1, keepdims=True)
 
 
-def _normalize_vjp(dy, kind, y, den):
-  """`y = m / (sum(m) + eps)` along rows or columns: `dm = (dy - sum(dy * y)) / den`."""
-  if kind == "rows":
-    return [(dyi - jnp.sum(dyi * yi, axis=0, keepdims=True)) / d
-            for dyi, yi, d in zip(dy, y, den)]
-  s = sum_list([dyi * yi for dyi, yi in zip(dy, y)])
-  return [(dyi - s) / den for dyi in dy]
+def columns_tile(cols, width):
+  """Assembles `(rows, 1)` columns into a `(rows, width)` tile (zeros past len(cols))."""
+  lane = jax.lax.broadcasted_iota(jnp.int32, (cols[0].shape[0], width), 1)
+  return sum_list([jnp.where(lane == k, col, 0.0) for k, col in enumerate(cols)])
 
 
-def _column_softmax(logit_rows):
-  mx = jax.lax.stop_gradient(functools.reduce(jnp.maximum, logit_rows))
-  e = [jnp.exp(l - mx) for l in logit_rows]
-  total = sum_list(e)
-  return [ei / total for ei in e]
+def column_at(col, k, width):
+  """A `(rows, width)` tile holding `col (rows, 1)` at lane k (traced) and zeros elsewhere."""
+  lane = jax.lax.broadcasted_iota(jnp.int32, (col.shape[0], width), 1)
+  return jnp.where(lane == k, col, 0.0)
 
 
-def _iteration(m, eps, tape):
-  """One (cols, rows) Sinkhorn iteration."""
-  return _normalize_rows(_normalize_cols(m, eps, tape), eps, tape)
+def coef_cols(h, t, width):
+  """`(..., m)` coefficients -> float32 `(t, next_pow2(m))` (a power of two for Triton)."""
+  h = h.reshape(t, width).astype(jnp.float32)
+  return jnp.pad(h, ((0, 0), (0, next_pow2(width) - width)))
 
 
-def sinkhorn_forward(logit_rows, *, num_iters, eps, loop=False):
-  """Column softmax + eps, row-normalise, then (cols, rows) `num_iters - 1` times.
+def mix_grid(t, c, n, block_sizes, backend_name, per_stream=False):
+  """Grid and block specs shared by the mixing kernels (forward and backward).
 
-  Returns `(rows, residuals)`; the residuals (every iterate) feed `sinkhorn_vjp`, which is how
-  the backward kernel recomputes the iterations on chip instead of reading them from HBM.
-  `loop=True` runs the iterations as a loop and keeps no residuals (a forward-only kernel).
+  Streams are `(T, n*C)` token rows: stream j of feature block k is the lane-dense block at
+  column `j * C/bc + k`, so each stream gets its own BlockSpec over the same array (no strided
+  or sub-32-bit sublane loads) and the view is the one the coefficient kernel reads.
+  `per_stream=True` adds a last grid axis s over the streams that a kernel writes, one per step;
+  blocks that do not depend on s stay in VMEM across it (Mosaic skips the repeated copy).
   """
-  p = _column_softmax(logit_rows)
-  tape = []
-  m = _normalize_rows([pi + eps for pi in p], eps, tape)
-  if loop:
-    return jax.lax.fori_loop(0, num_iters - 1, lambda _, m: _iteration(m, eps, []), m), None
-  for _ in range(num_iters - 1):
-    m = _iteration(m, eps, tape)
-  return m, (p, tape)
+  bt = token_block(t, block_sizes.mix_tokens, backend_name)
+  bc = feature_block(c, block_sizes.mix_c)
+  nb = c // bc
+  grid = (pl.cdiv(t, bt), nb) + ((n,) if per_stream else ())
+  specs = dict(
+      stream=lambda j: pl.BlockSpec((bt, bc), lambda i, k, *_, j=j: (i, j * nb + k)),
+      grid_stream=pl.BlockSpec((bt, bc), lambda i, k, s: (i, s * nb + k)),
+      token=pl.BlockSpec((bt, bc), lambda i, k, *_: (i, k)),
+      coef=lambda m: pl.BlockSpec((bt, m), lambda i, k, *_: (i, 0)),
+      partial=lambda m: pl.BlockSpec((None, bt, m), lambda i, k, *_: (k, i, 0)),
+      stream_partial=lambda m: pl.BlockSpec((None, None, bt, m), lambda i, k, s: (k, s, i, 0)),
+  )
+  return grid, specs
 
 
-def _sinkhorn_vjp_loop(logit_rows, d_rows, *, num_iters, eps):
-  """`sinkhorn_vjp` with loops, not unrolled code: iteration k's input is recomputed from the
-  first iterate (about num_iters**2 / 2 iterations instead of a tape of num_iters)."""
-  p = _column_softmax(logit_rows)
-  first_tape = []
-  m0 = _normalize_rows([pi + eps for pi in p], eps, first_tape)
-
-  def back(j, d):
-    m = jax.lax.fori_loop(0, num_iters - 2 - j, lambda _, m: _iteration(m, eps, []), m0)
-    tape = []
-    _iteration(m, eps, tape)
-    for kind, y, den in reversed(tape):
-      d = _normalize_vjp(d, kind, y, den)
-    return d
-
-  d_rows = jax.lax.fori_loop(0, num_iters - 1, back, d_rows)
-  d_rows = _normalize_vjp(d_rows, *first_tape[0])
-  s = sum_list([di * pi for di, pi in zip(d_rows, p)])
-  return [pi * (di - s) for di, pi in zip(d_rows, p)]
+def mix_params(backend_name, per_stream, vmem_bytes):
+  """Parallel over tokens and feature blocks; the stream axis runs in order (blocks persist)."""
+  return compiler_params(
+      backend_name, 3 if per_stream else 2, vmem_bytes,
+      ("parallel", "parallel") + (("arbitrary",) if per_stream else ()))
 
 
-def sinkhorn_vjp(logit_rows, d_rows, *, num_iters, eps, loop=False):
-  """Cotangent of the logit rows given that of the output rows, through every iteration."""
-  if loop:
-    return _sinkhorn_vjp_loop(logit_rows, d_rows, num_iters=num_iters, eps=eps)
-  _, (p, tape) = sinkhorn_forward(logit_rows, num_iters=num_iters, eps=eps)
-  for kind, y, den in reversed(tape):
-    d_rows = _normalize_vjp(d_rows, kind, y, den)
-  s = sum_list([di * pi for di, pi in zip(d_rows, p)])
-  return [pi * (di - s) for di, pi in zip(d_rows, p)]
+def split_streams(fn, x, n, *, token_rows):
+  """`(lead, C)` of streams `x`: `(..., n, C)`, or token rows `(..., n*C)` when `token_rows`."""
+  if token_rows:
+    if x.ndim < 1 or x.shape[-1] % max(n, 1):
+      raise ValueError(f"{fn}: token rows must have shape (..., n*C) with n={n}; got {x.shape}.")
+    return x.shape[:-1], x.shape[-1] // n
+  if x.ndim < 2 or x.shape[-2] != n:
+    raise ValueError(f"{fn}: x must have shape (..., n, C) with n={n}; got {x.shape} (token "
+                     "rows (..., n*C) need token_rows=True).")
+  return x.shape[:-2], x.shape[-1]
 
 
-def coefficients_from_rows(pre, post, res_rows, *, num_iters, eps, post_scale, loop=False):
-  """Logits `pre (n, ...)`, `post (n, ...)`, n res rows -> `h_pre`, `h_post`, `h_res` rows."""
-  h_res, _ = sinkhorn_forward(res_rows, num_iters=num_iters, eps=eps, loop=loop)
-  return jax.nn.sigmoid(pre) + eps, post_scale * jax.nn.sigmoid(post), h_res
-
-
-def coefficients_vjp_rows(pre, post, res_rows, g_pre, g_post, g_res_rows, *, num_iters, eps,
-                          post_scale, loop=False):
-  """Cotangents of the logits (same layout) given those of `h_pre`, `h_post`, `h_res`."""
-  s_pre, s_post = jax.nn.sigmoid(pre), jax.nn.sigmoid(post)
-  d_res = sinkhorn_vjp(res_rows, g_res_rows, num_iters=num_iters, eps=eps, loop=loop)
-  return g_pre * s_pre * (1.0 - s_pre), g_post * (post_scale * s_post * (1.0 - s_post)), d_res
+def check_shapes(fn, x, lead, n, c, *named):
+  """Each `(name, array, expected tail)` must be `(*lead, *tail)`."""
+  for name, arr, tail in named:
+    if arr.shape != (*lead, *tail):
+      raise ValueError(f"{fn}: {name} has shape {arr.shape}, expected {(*lead, *tail)} for "
+                       f"x of shape {x.shape} (n={n}, C={c}).")
 
 
 def cost_estimate(*, flops: int, transcendentals: int, bytes_accessed: int) -> pl.CostEstimate:
   return pl.CostEstimate(
       flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(bytes_accessed))
+
+
+def resolve(block_sizes: BlockSizes | None) -> tuple[BlockSizes, str]:
+  """`(block sizes, backend name)`: the given sizes or the backend's defaults."""
+  name = backend(block_sizes)
+  return block_sizes or BlockSizes.for_backend(name), name

@@ -9,21 +9,13 @@ exist in the config file, and names it with the nearest known field.
 """
 
 import difflib
-import importlib.util
 import logging
 import sys
 
 from absl import app
 import ml_collections
 
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a `path[:arg]` config spec."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_mhc_cli_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+from configs.loader import load_config
 
 
 def unknown_override(argv: list[str], default_spec: str) -> str | None:

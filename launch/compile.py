@@ -21,7 +21,8 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from launch.cli import make_parser  # pylint: disable=wrong-import-position
-from mhc_jax import aot, targets  # pylint: disable=wrong-import-position
+from mhc_jax.aot import compile_report as aot
+from mhc_jax.aot import targets  # pylint: disable=wrong-import-position
 
 _DEFAULT = "configs/default.py"
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Run config file.")

@@ -7,9 +7,9 @@ r"""Compiles every mHC kernel, forward and backward, with the real compilers of 
 For each target, dtype, n, C and kernel it builds the op as the model calls it (streams as token
 rows `(4, 4096, n*C)`) and its VJP (the forward and backward kernels), on one compile-only device,
 and prints compile seconds, temp memory and the kernels' HBM reads and writes per token in the
-compiled program (`aot.kernel_io_bytes`; for a forward also the least possible, docs/math.md §9),
+compiled program (`hlo.kernel_io_bytes`; for a forward also the least possible, math.md §9),
 or the compiler's first error line, and any relayout of the streams next to a kernel
-(`aot.kernel_relayouts`). Exits 1 if anything failed.
+(`hlo.kernel_relayouts`). Exits 1 if anything failed.
 `--subset=ci` builds each kernel and direction once per target, rotating dtype, n and C.
 """
 
@@ -26,8 +26,9 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
 
-from kernels_pallas import api, common  # pylint: disable=wrong-import-position
-from mhc_jax import aot, targets  # pylint: disable=wrong-import-position
+import kernels_pallas  # pylint: disable=wrong-import-position
+from mhc_jax.aot import hlo, targets  # pylint: disable=wrong-import-position
+from mhc_jax.parallel import platform  # pylint: disable=wrong-import-position
 
 KERNELS = ("coefficients", "pre_mix", "post_res_mix")
 DIRECTIONS = ("fwd", "vjp")
@@ -55,20 +56,22 @@ def _cases(subset: str, target_index: int, dtypes, ns, cs):
 
 def build(kernel: str, direction: str, dtype, n: int, c: int, seq_len: int, device):
   """The jitted op (or its VJP) and its abstract arguments, on one compile-only `device`."""
-  name = common.backend_for_platform(device.platform)
-  bs = common.BlockSizes.for_backend(name, backend=name)
-  rep = NamedSharding(jax.sharding.Mesh([device], ("d",)), P())
+  mesh = jax.sharding.Mesh([device], ("d",))
+  bs = platform.kernel_block_sizes(mesh)
+  rep = NamedSharding(mesh, P())
   arg = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt, sharding=rep)
   lead, k = (4, seq_len), n * n + 2 * n
   x = arg((*lead, n * c), dtype)  # token rows, as the model carries the streams
   if kernel == "coefficients":
-    fn = lambda x, phi, a, b: api.mhc_coefficients(x, phi, a, b, block_sizes=bs)
+    fn = lambda x, phi, a, b: kernels_pallas.mhc_coefficients(
+        x, phi, a, b, token_rows=True, block_sizes=bs)
     args = (x, arg((n * c, k)), arg((3,)), arg((k,)))
   elif kernel == "pre_mix":
-    fn = lambda x, h: api.pre_mix(x, h, block_sizes=bs)
+    fn = lambda x, h: kernels_pallas.pre_mix(x, h, token_rows=True, block_sizes=bs)
     args = (x, arg((*lead, n)))
   else:
-    fn = lambda x, y, hp, hr: api.post_res_mix(x, y, hp, hr, block_sizes=bs)
+    fn = lambda x, y, hp, hr: kernels_pallas.post_res_mix(
+        x, y, hp, hr, token_rows=True, block_sizes=bs)
     args = (x, arg((*lead, c), dtype), arg((*lead, n)), arg((*lead, n, n)))
   if direction == "vjp":  # forward and backward, the cotangent an argument (not recomputed)
     forward, primals = fn, args
@@ -79,7 +82,7 @@ def build(kernel: str, direction: str, dtype, n: int, c: int, seq_len: int, devi
 
 
 def min_bytes_per_token(kernel: str, n: int, c: int, itemsize: int) -> int:
-  """The forward's least traffic per token (docs/math.md §9): streams read once, results written
+  """The forward's least traffic per token (math.md §9): streams read once, results written
   once, float32 coefficients (read by the mixing kernels, written by the coefficient kernel)."""
   streams_read, streams_written, coefs = {
       "coefficients": (n, 0, n * n + 2 * n), "pre_mix": (n, 1, n),
@@ -99,12 +102,12 @@ def compile_case(kernel, direction, dtype, n, c, seq_len, device) -> dict:
     return {**row, "ok": False, "error": lines[0][:300] if lines else type(e).__name__,
             "compile_s": time.perf_counter() - start}
   mem = compiled.memory_analysis()
-  hlo = compiled.as_text()
-  relayouts = aot.kernel_relayouts(hlo, 4 * seq_len * n * c)
+  hlo_text = compiled.as_text()
+  relayouts = hlo.kernel_relayouts(hlo_text, 4 * seq_len * n * c)
   tokens = 4 * seq_len
   return {**row, "ok": not relayouts, "compile_s": time.perf_counter() - start,
           "temp_bytes": float(mem.temp_size_in_bytes) if mem is not None else None,
-          "relayouts": relayouts, "io_bytes_per_token": aot.kernel_io_bytes(hlo) / tokens,
+          "relayouts": relayouts, "io_bytes_per_token": hlo.kernel_io_bytes(hlo_text) / tokens,
           "min_bytes_per_token": (min_bytes_per_token(kernel, n, c, jnp.dtype(dtype).itemsize)
                                   if direction == "fwd" else None)}
 

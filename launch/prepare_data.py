@@ -21,7 +21,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from mhc_jax import corpus
+from mhc_jax.training import corpus
 
 _INPUT = flags.DEFINE_multi_string(
     "input", None, "Glob(s) of text files; comma separated and/or repeated; `**` recurses.")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 
-from mhc_jax import report
+from mhc_jax.training import report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory holding metrics.jsonl.")
 _OUT = flags.DEFINE_string("out", None, "PNG to write; default <workdir>/report.png.")

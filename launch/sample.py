@@ -15,11 +15,10 @@ from absl import app
 from absl import flags
 import jax
 
-from mhc_jax import checkpoint
-from mhc_jax import corpus
-from mhc_jax.model import DecoderLM
-from mhc_jax.report import run_config_field
-from mhc_jax.sampling import generate
+from mhc_jax.model.decoder import DecoderLM
+from mhc_jax.training import checkpoint, corpus
+from mhc_jax.training.metrics import run_config_field
+from mhc_jax.training.sampling import generate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints).")
 _PROMPT = flags.DEFINE_string("prompt", "def ", "Text the sample continues.")

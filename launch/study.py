@@ -12,8 +12,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from launch.cli import QuietLibraries, load_config, make_parser
-from mhc_jax import study, study_report
+from configs.loader import load_config
+from launch.cli import QuietLibraries, make_parser
+from mhc_jax.study import plan as study
+from mhc_jax.study import report as study_report
 
 _DEFAULT = "configs/study.py"
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Study config file.")

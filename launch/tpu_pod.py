@@ -27,7 +27,7 @@ import sys
 
 from absl import app, flags
 
-from mhc_jax import targets
+from mhc_jax.aot import targets
 
 _NAME = flags.DEFINE_string("name", None, "TPU VM (slice) name.", required=True)
 _ZONE = flags.DEFINE_string("zone", None, "Cloud zone, e.g. us-east5-a.", required=True)

@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch.cli import QuietLibraries, make_parser
-from mhc_jax import train
+from mhc_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")

@@ -1,7 +1,15 @@
-"""mhc-jax: Manifold-Constrained Hyper-Connections for JAX/Flax language models."""
+"""mhc-jax: Manifold-Constrained Hyper-Connections for JAX/Flax language models.
 
-from mhc_jax.coefficients import coefficients_from_logits, mhc_coefficients, num_logits
-from mhc_jax.diagnostics import amax_gain, composite_backward, composite_forward, layer_diagnostics
-from mhc_jax.sinkhorn import sinkhorn_knopp
-from mhc_jax.streams import expand_streams, post_res_mix, pre_mix
-from mhc_jax.permutations import lite_coefficients, permutation_mixture
+The functions here work on arrays. `mhc_coefficients`, `pre_mix` and `post_res_mix` take
+`impl="xla" | "pallas"` (the fused kernels, per device under `mesh=`); the rest is plain jnp.
+The package is layered (docs/design.md): `core` (math) < `parallel` < `model` < `training` <
+`aot`, `study`.
+"""
+
+from mhc_jax.core.coefficients import coefficients_from_logits, num_logits
+from mhc_jax.core.diagnostics import (amax_gain, composite_backward, composite_forward,
+                                      layer_diagnostics)
+from mhc_jax.core.permutations import lite_coefficients, permutation_mixture
+from mhc_jax.core.sinkhorn import sinkhorn_knopp
+from mhc_jax.core.streams import expand_streams
+from mhc_jax.parallel.kernels import mhc_coefficients, post_res_mix, pre_mix

@@ -1,4 +1,4 @@
-"""Float64 NumPy implementations of spec §3–4, written independently of the JAX code."""
+"""Float64 NumPy implementations of math.md §3–4, written independently of the JAX code."""
 
 import numpy as np
 
@@ -46,7 +46,7 @@ def numerical_vjp(f, args, cotangent, argnum, h=1e-6):
 
 
 def lite_coefficients_np(x, phi, alpha, bias, eps=1e-6, post_scale=2.0):
-  """mHC-lite (spec §6) in float64: `H_res[i, perm_p[i]] += softmax(h_res)_p`, a loop per perm."""
+  """mHC-lite (math.md §6) in float64: `H_res[i, perm_p[i]] += softmax(h_res)_p`, a loop per perm."""
   import itertools  # pylint: disable=g-import-not-at-top
   x = np.asarray(x, np.float64)
   n, c = x.shape[-2:]

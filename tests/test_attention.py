@@ -1,16 +1,14 @@
 """Causal attention: XLA and the splash kernel (interpreted) against a float64 reference."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 from absl.testing import absltest, parameterized
 
-from mhc_jax.attention import causal_attention, impl_for
+from mhc_jax.model.attention import causal_attention
+from tests import helpers
 
 
 def _reference(q, k, v):
@@ -61,23 +59,12 @@ class AttentionTest(parameterized.TestCase):
     second = jax.jit(lambda *a: 2 * causal_attention(*a, impl="splash"))(q, k, v)
     np.testing.assert_allclose(second, 2 * first, rtol=1e-6)
 
-  def test_auto_follows_the_target_and_the_shapes(self):
-    self.assertEqual(impl_for("tpu", "auto", 4096), "splash")
-    self.assertEqual(impl_for("tpu", "auto", 100), "xla")  # splash needs 128-multiples
-    self.assertEqual(impl_for("gpu", "auto", 4096), "cudnn")
-    self.assertEqual(impl_for("gpu", "auto", 4096, "float32"), "xla")  # cuDNN: 16-bit only
-    self.assertEqual(impl_for("cpu", "auto", 4096), "xla")
-    self.assertEqual(impl_for("cpu", "splash", 4096), "splash")
-    with self.assertRaisesRegex(ValueError, "attention_impl='flash'"):
-      impl_for("tpu", "flash", 4096)
-
 
 def _sharded_child():
   """Runs in a subprocess with 4 CPU devices: splash in shard_map (batch over data, heads over
   model), and nested in a stage's shard_map, against splash on one device; prints the largest
   differences."""
-  jax.config.update("jax_num_cpu_devices", 4)
-  from mhc_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mhc_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (2, 128, 4, 64))
   k = jax.random.normal(keys[1], (2, 128, 2, 64))
@@ -97,13 +84,7 @@ def _sharded_child():
 class ShardedAttentionTest(absltest.TestCase):
 
   def test_splash_in_shard_map_equals_one_device(self):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", "import tests.test_attention as t; t._sharded_child()"],
-        cwd=repo, capture_output=True, text=True, check=False,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    flat, nested = json.loads(proc.stdout.strip().splitlines()[-1])
+    flat, nested = helpers.run_with_devices("tests.test_attention:_sharded_child", 4)
     self.assertLess(flat, 1e-5)
     self.assertLess(nested, 1e-5)
 

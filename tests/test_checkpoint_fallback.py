@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
-from mhc_jax import train
-from tests.test_train import (_checkpoint_steps, _config, _records, _resumed_step,  # noqa: F401
-                              compile_cache, smoke_run)
+from mhc_jax.training import train
+from tests import helpers
+
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def _damage_arrays(checkpoint_dir):
@@ -25,15 +26,15 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, cach
   damaged step on disk until it saves that step again, and ends as the undamaged run did."""
   workdir = tmp_path / "run"
   shutil.copytree(smoke_run[0], workdir)
-  assert _checkpoint_steps(workdir) == [6, 12]
+  assert helpers.checkpoint_steps(workdir) == [6, 12]
   _damage_arrays(workdir / "checkpoints" / "12")
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(_config(cache_dir), str(workdir))
+    train.train_and_evaluate(helpers.smoke_config(cache_dir), str(workdir))
   assert any("checkpoint step 12" in r.getMessage() and "failed to restore" in r.getMessage()
              for r in caplog.records)
-  assert _resumed_step(caplog) == 6
-  assert _records(workdir) == _records(smoke_run[0])
-  assert _checkpoint_steps(workdir) == [6, 12]  # step 12 saved anew over the damaged one
+  assert helpers.resumed_step(caplog) == 6
+  assert helpers.records(workdir) == helpers.records(smoke_run[0])
+  assert helpers.checkpoint_steps(workdir) == [6, 12]  # step 12 saved anew over the damaged one
 
 
 def test_no_restorable_checkpoint_is_a_clear_error(tmp_path, cache_dir, smoke_run):
@@ -42,5 +43,5 @@ def test_no_restorable_checkpoint_is_a_clear_error(tmp_path, cache_dir, smoke_ru
   for step in (6, 12):
     _damage_arrays(workdir / "checkpoints" / str(step))
   with pytest.raises(ValueError, match=r"no checkpoint in .*checkpoints restores \(step 12: "):
-    train.train_and_evaluate(_config(cache_dir), str(workdir))
-  assert _checkpoint_steps(workdir) == [6, 12]  # nothing deleted
+    train.train_and_evaluate(helpers.smoke_config(cache_dir), str(workdir))
+  assert helpers.checkpoint_steps(workdir) == [6, 12]  # nothing deleted

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from mhc_jax import targets
+from mhc_jax.aot import targets
 
 REPO = Path(__file__).resolve().parents[1]
 TPU_PYTHON = REPO / ".venv-tpu" / "bin" / "python"
@@ -101,13 +101,14 @@ def test_train_step_compiles_for_tpu(tmp_path, target, connection):
                                            ("configs/paper.py:tiny", (2, 3))],
                          ids=["v5e-4-default-hc-float32", "v5e-4-paper-tiny-moe-mla-float32"])
 def test_analytic_flops_match_the_compiled_program(config, layers):
-  """`mhc_jax.flops` against XLA:TPU's own count for unrolled builds one block apart (for the
+  """`mhc_jax.aot.flops` against XLA:TPU's own count for unrolled builds one block apart (for the
   MoE model, one MoE block after its dense block)."""
   script = f"""
 import json
-from launch.cli import load_config
-from mhc_jax import aot, flops, targets
-from mhc_jax.config import ModelConfig
+from configs.loader import load_config
+from mhc_jax.aot import flops, targets
+from mhc_jax.aot import compile_report as aot
+from mhc_jax.model.config import ModelConfig
 cfg = load_config("{config}")
 devices = targets.compile_only_devices(targets.parse_target("v5e-4"))
 xla = []
@@ -144,7 +145,7 @@ def test_expert_parallel_moe_compiles_for_v5p(tmp_path):
   not this CPU host, picks them)."""
   out = tmp_path / "compile.json"
   proc = _compile(TPU_PYTHON, "--config=configs/paper.py:tiny", "--target=v5p-8",
-                  "--config.mesh.expert=4", "--config.microbatches=2", "--config.batch_size=8",
+                  "--config.mesh.expert=4", "--config.grad_accum_steps=2", "--config.batch_size=8",
                   f"--json={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
@@ -207,7 +208,8 @@ def test_out_of_memory_is_reported_not_raised(tmp_path):
 def test_mesh_axes_that_split_the_torus_are_built():
   """v5p-128 is a 4x4x4 torus: an 8-wide axis must split a physical axis (jax.make_mesh refuses)."""
   script = """
-from mhc_jax import sharding, targets
+from mhc_jax.aot import targets
+from mhc_jax.parallel import sharding
 devices = targets.compile_only_devices(targets.parse_target("v5p-128"))
 print(dict(sharding.make_mesh(-1, 1, devices, expert=8).shape))
 """
@@ -317,7 +319,7 @@ ENTRY %main.1 (param.0: bf16[4096,4,128], param.1: s32[32768]) -> bf16[32768,128
 
 
 def test_relayout_detector_flags_stream_copies_only():
-  from mhc_jax import aot  # pylint: disable=g-import-not-at-top
-  assert aot.kernel_relayouts(_KERNEL_HLO, 4096 * 512) == ["mhc_post_res_mix_bwd.2 <- copy.7"]
-  assert aot.kernel_relayouts(_KERNEL_HLO.replace("copy(%param.0)", "add(%param.0, %param.0)"),
+  from mhc_jax.aot import hlo  # pylint: disable=g-import-not-at-top
+  assert hlo.kernel_relayouts(_KERNEL_HLO, 4096 * 512) == ["mhc_post_res_mix_bwd.2 <- copy.7"]
+  assert hlo.kernel_relayouts(_KERNEL_HLO.replace("copy(%param.0)", "add(%param.0, %param.0)"),
                               4096 * 512) == []

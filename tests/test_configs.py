@@ -1,18 +1,21 @@
 """Every `configs/*.py` loads with every variant and gives valid run and model configs: the
 training configs directly, the study config for each of its runs."""
 
-import importlib.util
+import importlib
 from pathlib import Path
 import re
 
 import pytest
 
-from mhc_jax import study, train
-from mhc_jax.config import ModelConfig
+from configs import loader
+from mhc_jax.model.config import ModelConfig
+from mhc_jax.study import plan as study
+from mhc_jax.training import state as train_state
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 STUDY_CONFIG = CONFIGS_DIR / "study.py"
-CONFIG_FILES = sorted(p for p in CONFIGS_DIR.glob("*.py") if p != STUDY_CONFIG)  # training
+CONFIG_FILES = sorted(p for p in CONFIGS_DIR.glob("*.py")  # training configs
+                      if p != STUDY_CONFIG and "def get_config(" in p.read_text())
 VARIANTS = {
     "default.py": ("", "residual", "hc", "mhc", "n=2", "d=512", "smoke", "hc,smoke",
                    "mhc,n=2,smoke", "residual,smoke", "d=128,hc"),
@@ -22,10 +25,7 @@ VARIANTS = {
 
 
 def _load(path: Path):
-  spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return importlib.import_module(f"configs.{path.stem}")
 
 
 def test_there_are_configs():
@@ -40,7 +40,7 @@ def test_study_config_runs_are_valid_training_configs(variant, tmp_path):
   assert len(runs) == cfg.seeds * len(study.VARIANTS)
   widths = set()
   for run in runs:
-    model = train.validate_config(run.config)
+    model = train_state.validate_config(run.config)
     assert model.connection == run.variant
     widths.add((model.d_model, model.num_layers, run.config.total_steps, run.config.batch_size,
                 run.config.optimizer.lr))
@@ -67,7 +67,7 @@ def test_every_config_has_variants():
 def test_config_loads_and_validates(path, variant):
   config = _load(path).get_config(variant)
   model = ModelConfig.from_dict(config.model)
-  assert train.validate_config(config) == model
+  assert train_state.validate_config(config) == model
   parts = set(variant.split(","))
   if "residual" in parts:
     assert (model.connection, model.n_streams) == ("residual", 1)
@@ -120,7 +120,7 @@ def test_paper_configs_have_the_papers_parameter_counts(size, total, active):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mhc_jax.model import DecoderLM  # pylint: disable=g-import-not-at-top
+  from mhc_jax.model.decoder import DecoderLM  # pylint: disable=g-import-not-at-top
   cfg = ModelConfig.from_dict(_load(CONFIGS_DIR / "paper.py").get_config(f"{size},mhc").model)
   params = jax.eval_shape(lambda: nn.meta.unbox(
       DecoderLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))["params"]
@@ -131,3 +131,26 @@ def test_paper_configs_have_the_papers_parameter_counts(size, total, active):
                    - cfg.vocab_size * cfg.d_model)
   assert all_params == pytest.approx(total, rel=0.02)
   assert active_params == pytest.approx(active, rel=0.01)
+
+
+@pytest.mark.parametrize("arg,match", [("d=wide", "d='wide': expected a int"),
+                                       ("size=3", "'size=3' is unknown"),
+                                       ("mhc,,smoke", None)])
+def test_parse_arg_types_and_names(arg, match):
+  if match is None:
+    assert loader.parse_arg(arg, presets=("mhc", "smoke")).presets == ("mhc", "smoke")
+    return
+  with pytest.raises(ValueError, match=re.escape(match)):
+    loader.parse_arg(arg, presets=("mhc",), d=0)
+
+
+def test_parse_arg_converts_to_the_default_type():
+  a = loader.parse_arg("n=2,lr=0.5,flag=true,name=x", n=0, lr=1.0, flag=False, name="")
+  assert (a.n, a.lr, a.flag, a.name, a.presets) == (2, 0.5, True, "x", ())
+
+
+def test_load_config_by_path_and_by_name_agree():
+  assert (loader.load_config("configs/default.py:hc,n=2").to_dict()
+          == loader.load_config("default:hc,n=2").to_dict())
+  with pytest.raises(ValueError, match="does not exist"):
+    loader.load_config("configs/nope.py")

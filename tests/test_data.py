@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from launch import prepare_data
-from mhc_jax import corpus
-from mhc_jax import data
+from mhc_jax.training import corpus, data
 
 REPO = Path(__file__).resolve().parents[1]
 

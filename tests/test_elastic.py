@@ -1,6 +1,6 @@
 """Elastic resume: a checkpoint saved on one mesh or process count resumes on another.
 
-Each test trains the 12-step `RESUME` run once, uninterrupted, then resumes copies of its
+Each test trains the 12-step `helpers.RESUME` run once, uninterrupted, then resumes copies of its
 workdir, cut back to an earlier checkpoint, under another layout. The global batch order is the
 same in every layout, so the resumed losses must equal the uninterrupted run's. Only the order of
 float32 reductions changes with the layout (rtol 1e-5); a data position that did not carry over
@@ -17,21 +17,23 @@ import numpy as np
 import pytest
 
 from configs import default
-from mhc_jax import checkpoint
-from tests.test_train import CHILD_TIMEOUT_S, REPO, RESUME, _checkpoint_steps, _cli, _env, _records
+from mhc_jax.training import checkpoint
+from tests import helpers
+
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def _resume_copy(workdir: Path, step: int, dest: Path) -> Path:
   """A copy of `workdir` whose newest checkpoint is `step` (the later ones removed)."""
   shutil.copytree(workdir, dest)
-  for later in (s for s in _checkpoint_steps(dest) if s > step):
+  for later in (s for s in helpers.checkpoint_steps(dest) if s > step):
     shutil.rmtree(dest / "checkpoints" / str(later))
   return dest
 
 
 def _train(workdir, cache_dir, overrides=None, num_devices=1, num_processes=1) -> list[str]:
-  """Runs `launch.train` with `RESUME` on `num_processes` local processes; returns their logs."""
-  argv = _cli(workdir, cache_dir, {**RESUME, **(overrides or {})})
+  """Runs `launch.train` with `helpers.RESUME` on `num_processes` local processes; returns their logs."""
+  argv = helpers.train_argv(workdir, cache_dir, {**helpers.RESUME, **(overrides or {})})
   if num_processes > 1:
     with socket.socket() as s:
       s.bind(("127.0.0.1", 0))
@@ -39,10 +41,10 @@ def _train(workdir, cache_dir, overrides=None, num_devices=1, num_processes=1) -
     argv += ["--multihost", f"--coordinator_address=127.0.0.1:{port}",
              f"--num_processes={num_processes}"]
   procs = [subprocess.Popen(argv + ([f"--process_id={i}"] if num_processes > 1 else []),
-                            cwd=REPO, env=_env(cache_dir, num_devices=num_devices), text=True,
+                            cwd=helpers.REPO, env=helpers.child_env(cache_dir, num_devices=num_devices), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
            for i in range(num_processes)]
-  logs = [p.communicate(timeout=CHILD_TIMEOUT_S)[0] for p in procs]
+  logs = [p.communicate(timeout=helpers.CHILD_TIMEOUT_S)[0] for p in procs]
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i} of {workdir} failed:\n{log[-3000:]}"
   return logs
@@ -51,9 +53,9 @@ def _train(workdir, cache_dir, overrides=None, num_devices=1, num_processes=1) -
 def _assert_same_trajectory(resumed, source, reference, resumed_at: int):
   """`resumed` (a copy of `source` cut back to `resumed_at`) kept `source`'s earlier lines and
   continued `reference`'s losses."""
-  got, want = _records(resumed), _records(reference)
+  got, want = helpers.records(resumed), helpers.records(reference)
   assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 13))
-  assert got[:resumed_at] == _records(source)[:resumed_at]
+  assert got[:resumed_at] == helpers.records(source)[:resumed_at]
   for key in ("train_loss", "eval_loss"):
     np.testing.assert_allclose([r[key] for r in got if key in r],
                                [r[key] for r in want if key in r], rtol=1e-5, err_msg=key)

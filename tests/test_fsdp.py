@@ -2,10 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((1, 8, 1), (2, 4, 1), (1, 4, 2))  # (data, fsdp, model)
@@ -15,11 +14,12 @@ def _child():
   """Runs with 8 CPU devices; prints, per mesh, the largest loss and gradient differences to one
   device and the per-device bytes of the parameters and optimizer state."""
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_num_cpu_devices", 8)
   import math  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from mhc_jax import sharding, steps, train  # pylint: disable=g-import-not-at-top
+  from mhc_jax.parallel import sharding
+  from mhc_jax.training import steps
+  from mhc_jax.training import state as train_state
 
   config = default.get_config("smoke")
   config.batch_size = 8
@@ -27,7 +27,7 @@ def _child():
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
   def run(mesh):
-    state, state_shard = train.build_state(config, mesh)
+    state, state_shard = train_state.build_state(config, mesh)
     grad_fn = jax.jit(lambda s, b: steps._loss_and_grads(s.params, s.apply_fn, b),  # pylint: disable=protected-access
                       in_shardings=(state_shard, sharding.batch_sharding(mesh)))
     (loss, _), grads = grad_fn(state, batch)
@@ -50,11 +50,7 @@ def _child():
 class FSDPTest(absltest.TestCase):
 
   def test_meshes_match_one_device_and_shard_the_state(self):
-    proc = subprocess.run([sys.executable, "-c", "import tests.test_fsdp as t; t._child()"],
-                          cwd=REPO, capture_output=True, text=True, check=False,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = helpers.run_with_devices("tests.test_fsdp:_child", 8)
     for (data, fsdp, model), (name, r) in zip(MESHES, results.items()):
       with self.subTest(mesh=name):
         self.assertLess(r["loss"], 1e-5)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from mhc_jax.grouped_matmul import grouped_matmul, impl_for
+from mhc_jax.model.grouped_matmul import grouped_matmul
 
 K, N, G = 256, 384, 4
 
@@ -71,15 +71,6 @@ class GroupedMatmulTest(parameterized.TestCase):
       self.assertEqual(a.dtype, jnp.bfloat16)
       np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                  rtol=2e-2, atol=2e-2)
-
-  def test_auto_follows_the_platform_of_the_target(self):
-    self.assertEqual(impl_for("tpu", "auto", (1280, 896)), "megablox")
-    self.assertEqual(impl_for("tpu", "auto", (32, 896)), "ragged_dot")  # not lane-dense
-    self.assertEqual(impl_for("gpu"), "ragged_dot")
-    self.assertEqual(impl_for("cpu"), "ragged_dot")
-    self.assertEqual(impl_for("cpu", "megablox"), "megablox")
-    with self.assertRaisesRegex(ValueError, "moe_impl='dense'"):
-      impl_for("tpu", "dense")
 
 
 if __name__ == "__main__":

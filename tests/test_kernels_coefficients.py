@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
+from kernels_pallas import common
+from kernels_pallas import sinkhorn as kernel_sinkhorn
 import kernels_pallas
-from kernels_pallas import common, reference
-from mhc_jax import coefficients as xla_coefficients
-from mhc_jax import sinkhorn
+from mhc_jax.core import sinkhorn
+from mhc_jax.core import coefficients as xla_coefficients
 
 KW = dict(num_iters=20, eps=1e-6, post_scale=2.0)
 F32_ATOL = 2e-6  # coefficients are O(1); this is a few float32 ulps.
@@ -95,7 +96,7 @@ class CoefficientsTest(parameterized.TestCase):
                      argnums=(0, 1, 2, 3))(*args)
     with jax.enable_x64(True):
       args64 = [jnp.asarray(np.asarray(a), jnp.float64) for a in args]
-      ref64 = jax.grad(_loss(lambda *a: reference.coefficients_reference(
+      ref64 = jax.grad(_loss(lambda *a: kernels_pallas.coefficients_reference(
           *a, dtype=jnp.float64, **KW)), argnums=(0, 1, 2, 3))(*args64)
       ref64 = [np.asarray(r) for r in ref64]
     for name, g, r32, r64 in zip(("x", "phi", "alpha", "bias"), got, ref32, ref64):
@@ -116,7 +117,7 @@ class CoefficientsTest(parameterized.TestCase):
     x, phi, alpha, bias = _inputs(4, 256, 200, jnp.float32, 3.0, seed=6)
     bs = common.BlockSizes(coef_k=128, loops=True, interpret=self.INTERPRET)
     looped = lambda x, *a: kernels_pallas.mhc_coefficients(
-        x.reshape(*x.shape[:-2], -1), *a, block_sizes=bs, **KW)
+        x.reshape(*x.shape[:-2], -1), *a, token_rows=True, block_sizes=bs, **KW)
     for g, w in zip(looped(x, phi, alpha, bias), self._kernel()(x, phi, alpha, bias)):
       chex.assert_trees_all_close(g, w, atol=F32_ATOL, rtol=0)
     got = jax.grad(_loss(looped), argnums=(0, 1, 2, 3))(x, phi, alpha, bias)
@@ -131,8 +132,8 @@ class CoefficientsTest(parameterized.TestCase):
     dm = jax.random.normal(jax.random.key(8), (n, n, 7))
     rows = lambda a: [a[i] for i in range(n)]
     kw = dict(num_iters=num_iters, eps=1e-6)
-    chex.assert_trees_all_close(common.sinkhorn_vjp(rows(logits), rows(dm), loop=True, **kw),
-                                common.sinkhorn_vjp(rows(logits), rows(dm), **kw),
+    chex.assert_trees_all_close(kernel_sinkhorn.sinkhorn_vjp(rows(logits), rows(dm), loop=True, **kw),
+                                kernel_sinkhorn.sinkhorn_vjp(rows(logits), rows(dm), **kw),
                                 atol=1e-6, rtol=1e-5)
 
   def test_sinkhorn_vjp_helper_matches_autodiff(self):
@@ -140,7 +141,7 @@ class CoefficientsTest(parameterized.TestCase):
     logits = 5.0 * jax.random.normal(jax.random.key(5), (n, n, 7))
     dm = jax.random.normal(jax.random.key(6), (n, n, 7))
     rows = lambda a: [a[i] for i in range(n)]  # row i as (n, tokens), as the kernels hold it
-    got = common.sinkhorn_vjp(rows(logits), rows(dm), num_iters=20, eps=1e-6)
+    got = kernel_sinkhorn.sinkhorn_vjp(rows(logits), rows(dm), num_iters=20, eps=1e-6)
     _, vjp = jax.vjp(lambda l: sinkhorn.sinkhorn_knopp(jnp.moveaxis(l, -1, 0)), logits)
     want = rows(vjp(jnp.moveaxis(dm, -1, 0))[0])
     chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)

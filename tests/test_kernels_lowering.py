@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 from absl.testing import absltest, parameterized
 
-import kernels_pallas
 from kernels_pallas import common
+import kernels_pallas
 
 N, C, TOKENS = 4, 1280, 200  # paper width; a token count that is not a multiple of the blocks
 

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-import kernels_pallas
 from kernels_pallas import common
-from mhc_jax import streams
+import kernels_pallas
+from mhc_jax.core import streams
 
 
 def _inputs(n, c, tokens, dtype, seed=0):
@@ -84,14 +84,18 @@ class MixTest(parameterized.TestCase):
     gradients as `(..., n, C)`, in the shape they came in."""
     x, y, h_post, h_res = _inputs(4, 256, 64, jnp.bfloat16, seed=3)
     rows = x.reshape(*x.shape[:-2], -1)
-    f = lambda x: kernels_pallas.post_res_mix(x, y, h_post, h_res, block_sizes=self._bs())
-    chex.assert_trees_all_equal(f(rows), f(x).reshape(rows.shape))
-    chex.assert_trees_all_equal(kernels_pallas.pre_mix(rows, h_post, block_sizes=self._bs()),
-                                kernels_pallas.pre_mix(x, h_post, block_sizes=self._bs()))
-    loss = lambda x: jnp.sum(jnp.sin(f(x).astype(jnp.float32)))
-    chex.assert_trees_all_equal(jax.grad(loss)(rows), jax.grad(loss)(x).reshape(rows.shape))
-    with self.assertRaisesRegex(ValueError, "flat streams must have shape"):
-      kernels_pallas.pre_mix(rows[..., :-1], h_post)
+    f = lambda x, rows=False: kernels_pallas.post_res_mix(x, y, h_post, h_res, token_rows=rows,
+                                                         block_sizes=self._bs())
+    chex.assert_trees_all_equal(f(rows, True), f(x).reshape(rows.shape))
+    chex.assert_trees_all_equal(
+        kernels_pallas.pre_mix(rows, h_post, token_rows=True, block_sizes=self._bs()),
+        kernels_pallas.pre_mix(x, h_post, block_sizes=self._bs()))
+    loss = lambda x, rows=False: jnp.sum(jnp.sin(f(x, rows).astype(jnp.float32)))
+    chex.assert_trees_all_equal(jax.grad(loss)(rows, True), jax.grad(loss)(x).reshape(rows.shape))
+    with self.assertRaisesRegex(ValueError, "token rows must have shape"):
+      kernels_pallas.pre_mix(rows[..., :-1], h_post, token_rows=True)
+    with self.assertRaisesRegex(ValueError, "need token_rows=True"):  # no guessing the layout
+      kernels_pallas.pre_mix(rows, h_post)
 
   def test_rejects_bad_shapes(self):
     x, y, h_post, h_res = _inputs(4, 128, 16, jnp.float32)

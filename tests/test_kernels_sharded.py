@@ -1,9 +1,6 @@
 """Kernels under `shard_map` on 8 fake CPU devices (a subprocess, so the device count is fresh)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +8,10 @@ import numpy as np
 from absl.testing import absltest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from kernels_pallas import sharded
-from mhc_jax import coefficients as xla_coefficients
-from mhc_jax import streams as xla_streams
+from mhc_jax.core import coefficients as xla_coefficients
+from mhc_jax.core import streams as xla_streams
+from mhc_jax.parallel import kernels as sharded
+from tests import helpers
 
 N, C, B, S = 4, 128, 4, 32
 KW = dict(num_iters=3, eps=1e-6, post_scale=2.0)  # few iterations: interpret-mode compile time
@@ -21,7 +19,6 @@ KW = dict(num_iters=3, eps=1e-6, post_scale=2.0)  # few iterations: interpret-mo
 
 def _child_main():
   """Runs in the subprocess; prints one JSON line."""
-  jax.config.update("jax_num_cpu_devices", 8)  # before the backend starts
   # Explicit axes: the caller states every sharding; nothing is left to the partitioner.
   mesh = jax.make_mesh((4, 2), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
   ks = jax.random.split(jax.random.key(0), 5)
@@ -32,7 +29,7 @@ def _child_main():
   bias = 0.1 * jax.random.normal(ks[3], (N * N + 2 * N,))
   tok = NamedSharding(mesh, P("data", "seq"))
   xs, ys = jax.device_put(x, tok), jax.device_put(y, tok)
-  axes = dict(mesh=mesh, batch_axis="data", seq_axis="seq")
+  axes = dict(impl="pallas", mesh=mesh, batch_axis="data", seq_axis="seq")
 
   def layer(x, y, phi, alpha, bias):
     h_pre, h_post, h_res = sharded.mhc_coefficients(x, phi, alpha, bias, **axes, **KW)
@@ -62,13 +59,7 @@ def _child_main():
 class ShardedTest(absltest.TestCase):
 
   def test_sharded_layer_matches_reference_without_all_gather(self):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"],
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
-    self.assertEqual(proc.returncode, 0, msg=proc.stderr[-3000:])
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = helpers.run_with_devices("tests.test_kernels_sharded:_child_main", 8)
     self.assertEqual(res["all_gather"], 0)  # activations stay sharded; phi is replicated
     self.assertEqual(res["out_sharding"], "P('data', 'seq', None, None)")
     self.assertLess(res["out_rel"], 2e-6)
@@ -78,7 +69,4 @@ class ShardedTest(absltest.TestCase):
 
 
 if __name__ == "__main__":
-  if sys.argv[1:] == ["--child"]:
-    _child_main()
-  else:
-    absltest.main()
+  absltest.main()

@@ -7,8 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from mhc_jax import metrics
-from mhc_jax import report
+from mhc_jax.training import metrics, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NUM_CONN_LAYERS = 6

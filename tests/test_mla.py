@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from mhc_jax.config import ModelConfig
-from mhc_jax.layers import rope_tables
-from mhc_jax.mla import MLA
+from mhc_jax.model.config import ModelConfig
+from mhc_jax.model.layers import rope_tables
+from mhc_jax.model.mla import MLA
 
 B, S, C = 2, 12, 48
 

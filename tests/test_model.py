@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mhc_jax.config import ModelConfig
-from mhc_jax.model import DecoderLM
+from mhc_jax.model.config import ModelConfig
+from mhc_jax.model.decoder import DecoderLM
 
 TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -44,7 +44,7 @@ def test_shapes_and_coefficients(connection, n):
   assert coeffs.h_post.shape == (layers, 2, 12, n)
   assert coeffs.h_res.shape == (layers, 2, 12, n, n)
   assert bool(jnp.all(jnp.isfinite(logits)))
-  if connection.startswith("mhc"):  # spec §3 init: H_post = 2 sigmoid(~0) ~ 1, H_res ~ 1/n
+  if connection.startswith("mhc"):  # math.md §3 init: H_post = 2 sigmoid(~0) ~ 1, H_res ~ 1/n
     np.testing.assert_allclose(coeffs.h_post, 1.0, atol=0.05)
     np.testing.assert_allclose(coeffs.h_res, 1.0 / n, atol=0.05)
     np.testing.assert_allclose(jnp.sum(coeffs.h_res, -1), 1.0, atol=2e-6)

@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from mhc_jax import optim, steps
-from mhc_jax.config import ModelConfig
-from mhc_jax.model import DecoderLM, resolve_impl
+from mhc_jax.model.config import ModelConfig
+from mhc_jax.model.decoder import DecoderLM, resolve_impl
+from mhc_jax.training import optim, steps
 
 # d_model=128 is the smallest width the kernels take (a multiple of 128 lanes).
 SMALL = dict(vocab_size=64, d_model=128, num_layers=2, num_heads=2, n_streams=4)

@@ -2,9 +2,6 @@
 
 import functools
 import json
-import os
-import subprocess
-import sys
 
 import chex
 import flax.linen as nn
@@ -14,11 +11,13 @@ import ml_collections
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from mhc_jax import moe, optim
-from mhc_jax.config import ModelConfig
-from mhc_jax.layers import SwiGLU
-from mhc_jax.model import DecoderLM
-from mhc_jax.steps import create_state, train_step
+from mhc_jax.model import decoder, moe
+from mhc_jax.model.config import ModelConfig
+from mhc_jax.model.decoder import DecoderLM
+from mhc_jax.model.layers import SwiGLU
+from mhc_jax.training import optim
+from mhc_jax.training.steps import create_state, train_step
+from tests import helpers
 
 C, E, F = 32, 8, 24
 
@@ -115,7 +114,7 @@ class MoETest(parameterized.TestCase):
     self.assertEqual(float(metrics["moe/dropped_fraction"]), 0.0)
     self.assertGreater(float(metrics["moe/balance_loss"]), 0.0)
 
-  def test_microbatches_give_the_same_step(self):
+  def test_grad_accumulation_gives_the_same_step(self):
     cfg = _cfg()
     model = DecoderLM(cfg)
     opt = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=1, schedule="cosine",
@@ -125,7 +124,7 @@ class MoETest(parameterized.TestCase):
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1)}
     state, _ = create_state(model, optim.make_optimizer(opt, 10), jax.random.key(0), tokens)
     whole, m_whole = jax.jit(train_step)(state, batch)
-    split, m_split = jax.jit(functools.partial(train_step, microbatches=4))(state, batch)
+    split, m_split = jax.jit(functools.partial(train_step, grad_accum_steps=4))(state, batch)
     chex.assert_trees_all_close(whole.params, split.params, atol=2e-6)
     chex.assert_trees_all_close(m_whole, m_split, atol=1e-5, rtol=1e-5)
     moved = whole.params["moe_blocks"]["moe"]["balance_bias"]
@@ -157,7 +156,7 @@ class MoETest(parameterized.TestCase):
         {"params": unrolled}, tokens, return_moe_stats=True)
     chex.assert_trees_all_close(out_s, out_u, atol=1e-5)
     chex.assert_trees_all_close(stats_s, stats_u)
-    moved = moe.apply_balance_update(unrolled, stats_u)
+    moved = decoder.apply_balance_update(unrolled, stats_u)
     np.testing.assert_array_equal(
         moved["moe_blocks_1"]["moe"]["balance_bias"],
         unrolled["moe_blocks_1"]["moe"]["balance_bias"] + moe.bias_update(stats_u)[1])
@@ -165,8 +164,7 @@ class MoETest(parameterized.TestCase):
 
 def _child_main(hot: bool):
   """Runs in a subprocess with 8 CPU devices; prints one JSON line of max differences."""
-  jax.config.update("jax_num_cpu_devices", 8)  # before the backend starts
-  from mhc_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mhc_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   cfg = _cfg(num_layers=2)
   model = DecoderLM(cfg)  # no mesh: every expert on one device
   tokens = jax.random.randint(jax.random.key(2), (8, 16), 0, cfg.vocab_size)
@@ -205,13 +203,7 @@ class ExpertParallelTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("uniform", False), ("all_to_expert_0", True))
   def test_expert_parallel_equals_single_device(self, hot):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    code = f"import tests.test_moe as t; t._child_main({hot})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          check=False)
-    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = helpers.run_with_devices("tests.test_moe:_child_main", 8, hot)
     for mesh, r in results.items():
       with self.subTest(mesh=mesh):
         self.assertLess(r["loss"], 1e-5)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from configs import default
-from mhc_jax import train
+from mhc_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

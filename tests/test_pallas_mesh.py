@@ -5,10 +5,9 @@ and the loss and gradients still equal the XLA path's."""
 
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = dict(data=2, fsdp=2, model=2)
@@ -19,11 +18,12 @@ def _child():
   """Runs with 8 CPU devices; prints both implementations' losses, their largest gradient
   difference (relative to the largest gradient), the kernel calls and the mesh's backend."""
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_num_cpu_devices", 8)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from kernels_pallas import sharded  # pylint: disable=g-import-not-at-top
-  from mhc_jax import sharding, steps, train  # pylint: disable=g-import-not-at-top
+  from mhc_jax.parallel import platform  # pylint: disable=g-import-not-at-top
+  from mhc_jax.parallel import sharding
+  from mhc_jax.training import steps
+  from mhc_jax.training import state as train_state
 
   config = default.get_config("smoke")
   config.batch_size, config.seq_len = 8, 16
@@ -46,7 +46,7 @@ def _child():
 
   def loss_and_grads(impl, mesh_name="flat"):
     config.model.mhc_impl, mesh = impl, meshes[mesh_name]
-    state, state_shard = train.build_state(config, mesh)
+    state, state_shard = train_state.build_state(config, mesh)
     state = state.replace(params=off_symmetric(state.params))
     fn = lambda s, b: steps._loss_and_grads(s.params, s.apply_fn, b)  # pylint: disable=protected-access
     calls = str(jax.make_jaxpr(fn)(state, batch)).count("mhc_post_res_mix")
@@ -56,7 +56,7 @@ def _child():
 
   loss_xla, g_xla, _ = loss_and_grads("xla")
   g_max = max(float(np.max(np.abs(np.asarray(g)))) for g in jax.tree.leaves(g_xla))
-  out = {"backend": sharded.for_mesh(meshes["flat"]).backend}
+  out = {"backend": platform.kernel_block_sizes(meshes["flat"]).backend}
   for mesh_name in meshes:
     loss, grads, kernel_calls = loss_and_grads("pallas", mesh_name)
     g_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
@@ -71,11 +71,7 @@ class PallasMeshTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    proc = subprocess.run(
-        [sys.executable, "-c", "import tests.test_pallas_mesh as t; t._child()"], cwd=REPO,
-        capture_output=True, text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cls.results = json.loads(proc.stdout.strip().splitlines()[-1])
+    cls.results = helpers.run_with_devices("tests.test_pallas_mesh:_child", 8)
 
   def _check_matches_xla(self, r):
     self.assertGreater(r["kernel_calls"], 0)  # the pallas step really runs the kernels

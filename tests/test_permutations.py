@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mhc_jax import lite_coefficients, permutation_mixture
-from mhc_jax.config import ModelConfig
-from mhc_jax.permutations import num_lite_logits, permutation_matrices
+from mhc_jax.core.permutations import num_lite_logits, permutation_matrices
+from mhc_jax.model.config import ModelConfig
 from tests.reference_np import lite_coefficients_np, numerical_vjp
 
 

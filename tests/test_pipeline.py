@@ -5,13 +5,12 @@ a run resumed onto a pipelined mesh.)"""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from mhc_jax import pipeline
-from mhc_jax.pipeline import PipelineConfig
+from mhc_jax.parallel import pipeline
+from mhc_jax.parallel.pipeline import PipelineConfig
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (stage, data, schedule, repeats, microbatches, overlap_sends, remat_policy, recompute_blocks)
@@ -27,10 +26,11 @@ def _child():
   """Runs with 4 CPU devices; prints per case the loss and gradient differences to 1 device,
   whether the compiled step sends with collective-permute, and the block params' sharding."""
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_num_cpu_devices", 4)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from mhc_jax import sharding, steps, train  # pylint: disable=g-import-not-at-top
+  from mhc_jax.parallel import sharding
+  from mhc_jax.training import steps
+  from mhc_jax.training import state as train_state
 
   tokens = np.random.default_rng(0).integers(0, 256, (8, 33), np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -42,7 +42,7 @@ def _child():
     return c
 
   def run(c, mesh):
-    state, state_shard = train.build_state(c, mesh)
+    state, state_shard = train_state.build_state(c, mesh)
     grad_fn = jax.jit(lambda s, b: steps._loss_and_grads(s.params, s.apply_fn, b),  # pylint: disable=protected-access
                       in_shardings=(state_shard, sharding.batch_sharding(mesh)))
     (loss, _), grads = grad_fn(state, batch)
@@ -65,17 +65,13 @@ def _child():
         "loss": abs(loss - ref_loss),
         "grads": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                      for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))),
-        "sends": sends, "spec": spec, "summary": train.check_pipeline(c, mesh)})
+        "sends": sends, "spec": spec, "summary": train_state.check_pipeline(c, mesh)})
   print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
 def results():
-  proc = subprocess.run([sys.executable, "-c", "import tests.test_pipeline as t; t._child()"],
-                        cwd=REPO, capture_output=True, text=True, check=False, timeout=900,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return helpers.run_with_devices("tests.test_pipeline:_child", 4)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)),
@@ -118,7 +114,7 @@ _OK = dict(num_layers=8, moe_blocks=0, scan_layers=True, batch_size=8, batch_way
 ])
 def test_bad_pipeline_config_is_named(cfg, stages, overrides, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("'", "'")):
-    pipeline.check(cfg, stages, **{**_OK, **overrides})
+    pipeline.check_pipeline(cfg, stages, **{**_OK, **overrides})
 
 
 def test_unknown_pipeline_field_is_named():

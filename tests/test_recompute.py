@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mhc_jax.config import ModelConfig
-from mhc_jax.model import DecoderLM
-from mhc_jax.recompute import optimal_group
+from mhc_jax.model.config import ModelConfig
+from mhc_jax.model.decoder import DecoderLM
+from mhc_jax.model.recompute import optimal_group
 
 # 5 blocks: groups of 2 leave a last group of 1, groups of 3 one of 2.
 DENSE = ModelConfig(vocab_size=64, d_model=32, num_layers=5, num_heads=4, n_streams=4,

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mhc_jax import corpus
-from mhc_jax.config import ModelConfig
-from mhc_jax.model import DecoderLM
-from mhc_jax.sampling import generate
+from mhc_jax.model.config import ModelConfig
+from mhc_jax.model.decoder import DecoderLM
+from mhc_jax.training import corpus
+from mhc_jax.training.sampling import generate
 
 CFG = ModelConfig(vocab_size=256, d_model=32, num_layers=1, num_heads=2, connection="mhc",
                   n_streams=2, sinkhorn_iters=3)
@@ -90,7 +90,7 @@ def test_invalid_args(model_and_params, prompt, kwargs, match):
 
 
 def test_launch_sample(tmp_path, monkeypatch, model_and_params):
-  from mhc_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mhc_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from launch import sample  # pylint: disable=g-import-not-at-top
   model, _, params = model_and_params
   data_dir = tmp_path / "data"

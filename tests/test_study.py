@@ -13,9 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from launch.cli import load_config
-from mhc_jax import study
-from mhc_jax.metrics import MetricsWriter, read_metrics
+from configs.loader import load_config
+from mhc_jax.study import plan as study
+from mhc_jax.training.metrics import MetricsWriter, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = "configs/study.py:smoke"
