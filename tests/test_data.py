@@ -81,7 +81,7 @@ def test_encode_decode_bytes(tmp_path):
   text = "def f(x):\n\treturn 'é日本'\n"
   tokens = corpus.encode(text, meta)
   assert tokens.dtype == np.int32 and len(tokens) == len(text.encode())
-  assert data.decode(tokens, meta) == text
+  assert corpus.decode(tokens, meta) == text
   assert corpus.decode(tokens[:-3], meta).endswith("\ufffd")  # Cut inside a character.
 
 

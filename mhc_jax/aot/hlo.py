@@ -215,6 +215,7 @@ def _parse_hlo(hlo_text: str, prefix: str) -> _Hlo:
       hlo.users[o].append(ins.name)
     if ins.opcode == "custom-call" and prefix in ins.line:  # TPU names the call after the
       hlo.kernels.append(ins.name)  # kernel; the GPU's `pallas_call.N` has it in its config
+  return hlo
 
 
 def kernel_relayouts(hlo_text: str, stream_elements: int, prefix: str = "mhc_") -> list[str]:
