@@ -45,7 +45,8 @@ def compile_cache(tmp_path_factory):
 
 
 def _shared_run(tmp_path_factory, cache_dir, name, overrides):
-  """`(workdir, scalars)` of one in-process run of `helpers.smoke_config(cache_dir, overrides)`, made once per
+  """`(workdir, scalars)` of one in-process run of `helpers.smoke_config(cache_dir, overrides)`,
+  made once per
   session: the first worker to take the lock trains, the others wait. Tests only read it."""
   root = _session_dir(tmp_path_factory)
   workdir, done = root / name, root / f"{name}_scalars.json"

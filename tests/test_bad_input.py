@@ -14,7 +14,7 @@ from tests import helpers
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
-# --- 4. bad input: a clear error, no traceback ---------------------------------------------------
+# --- bad input: a clear error, no traceback ---------------------------------------------------
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -76,7 +76,7 @@ def test_bad_config_raises_value_error(tmp_path, cache_dir, make_overrides, mess
   with pytest.raises(ValueError, match=message) as info:
     train.train_and_evaluate(config, str(tmp_path / "run"))
   raised_in = Path(info.traceback[-1].path).resolve()
-  assert raised_in.is_relative_to(helpers.REPO / "mhc_jax"), f"raised in {raised_in}, not by mhc_jax"
+  assert raised_in.is_relative_to(helpers.REPO / "mhc_jax"), f"raised in {raised_in}, not mhc_jax"
   assert helpers.checkpoint_steps(tmp_path / "run") == []
 
 

@@ -32,7 +32,8 @@ def _resume_copy(workdir: Path, step: int, dest: Path) -> Path:
 
 
 def _train(workdir, cache_dir, overrides=None, num_devices=1, num_processes=1) -> list[str]:
-  """Runs `launch.train` with `helpers.RESUME` on `num_processes` local processes; returns their logs."""
+  """Runs `launch.train` with `helpers.RESUME` on `num_processes` local processes; returns their
+  logs."""
   argv = helpers.train_argv(workdir, cache_dir, {**helpers.RESUME, **(overrides or {})})
   if num_processes > 1:
     with socket.socket() as s:
@@ -41,7 +42,8 @@ def _train(workdir, cache_dir, overrides=None, num_devices=1, num_processes=1) -
     argv += ["--multihost", f"--coordinator_address=127.0.0.1:{port}",
              f"--num_processes={num_processes}"]
   procs = [subprocess.Popen(argv + ([f"--process_id={i}"] if num_processes > 1 else []),
-                            cwd=helpers.REPO, env=helpers.child_env(cache_dir, num_devices=num_devices), text=True,
+                            cwd=helpers.REPO, text=True,
+                             env=helpers.child_env(cache_dir, num_devices=num_devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
            for i in range(num_processes)]
   logs = [p.communicate(timeout=helpers.CHILD_TIMEOUT_S)[0] for p in procs]

@@ -12,7 +12,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
-# --- 7. sampling and the report ------------------------------------------------------------------
+# --- sampling and the report ------------------------------------------------------------------
 
 
 def test_launch_sample_prints_text(smoke_run, cache_dir):

@@ -61,3 +61,12 @@ def test_layer_contracts_hold():
   proc = subprocess.run([str(exe), "--no-cache"], cwd=REPO, capture_output=True, text=True,
                         check=False)
   assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_the_public_api_of_the_flat_layout_still_works():
+  import mhc_jax  # pylint: disable=g-import-not-at-top
+  names = ("coefficients_from_logits", "mhc_coefficients", "num_logits", "amax_gain",
+           "composite_backward", "composite_forward", "layer_diagnostics", "sinkhorn_knopp",
+           "expand_streams", "post_res_mix", "pre_mix", "lite_coefficients",
+           "permutation_mixture")
+  assert [n for n in names if not callable(getattr(mhc_jax, n, None))] == []

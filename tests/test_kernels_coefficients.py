@@ -132,7 +132,8 @@ class CoefficientsTest(parameterized.TestCase):
     dm = jax.random.normal(jax.random.key(8), (n, n, 7))
     rows = lambda a: [a[i] for i in range(n)]
     kw = dict(num_iters=num_iters, eps=1e-6)
-    chex.assert_trees_all_close(kernel_sinkhorn.sinkhorn_vjp(rows(logits), rows(dm), loop=True, **kw),
+    chex.assert_trees_all_close(
+        kernel_sinkhorn.sinkhorn_vjp(rows(logits), rows(dm), loop=True, **kw),
                                 kernel_sinkhorn.sinkhorn_vjp(rows(logits), rows(dm), **kw),
                                 atol=1e-6, rtol=1e-5)
 

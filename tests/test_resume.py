@@ -14,15 +14,17 @@ from tests import helpers
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
-# --- 2. SIGKILL and resume is exact --------------------------------------------------------------
+# --- SIGKILL and resume is exact --------------------------------------------------------------
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path, cache_dir, caplog, request):
   # Run B: the CLI, SIGKILLed once checkpoint 4 is finalized. It compiles its own steps (no
   # compilation cache): compiling the eval step at step 6 keeps it busy for seconds after
   # checkpoint 4, so the kill lands mid-run.
-  killed = helpers.Child(helpers.train_argv(tmp_path / "b", cache_dir, helpers.RESUME), helpers.child_env(cache_dir), tmp_path / "b.log",
-                  signal_when=lambda: 4 in helpers.checkpoint_steps(tmp_path / "b"), sig=signal.SIGKILL)
+  killed = helpers.Child(
+      helpers.train_argv(tmp_path / "b", cache_dir, helpers.RESUME), helpers.child_env(cache_dir),
+      tmp_path / "b.log", signal_when=lambda: 4 in helpers.checkpoint_steps(tmp_path / "b"),
+      sig=signal.SIGKILL)
   # Meanwhile run A, the same config uninterrupted (or wait for another worker making it).
   expected = helpers.records(request.getfixturevalue("resume_run")[0])
   assert [r["step"] for r in expected] == list(range(1, 13))
@@ -41,21 +43,22 @@ def test_kill_and_resume_is_bit_identical(tmp_path, cache_dir, caplog, request):
 
 
 
-# --- 3. SIGTERM (preemption) ---------------------------------------------------------------------
+# --- SIGTERM (preemption) ---------------------------------------------------------------------
 
 
 def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, cache_dir, compile_cache):
   long_run = {"total_steps": 100_000, "log_every": 1, "eval_every": 10_000,
               "diag_every": 10_000, "checkpoint_every": 10_000}
   workdir = tmp_path / "run"
-  argv, env = helpers.train_argv(workdir, cache_dir, long_run), helpers.child_env(cache_dir, compile_cache)
+  argv = helpers.train_argv(workdir, cache_dir, long_run)
+  env = helpers.child_env(cache_dir, compile_cache)
 
   def logged_past(step):
     path = workdir / metrics.METRICS_FILE
     return path.is_file() and any(r["step"] > step for r in metrics.read_metrics(workdir))
 
   first = helpers.Child(argv, env, tmp_path / "first.log", signal_when=lambda: logged_past(0),
-                 sig=signal.SIGTERM)
+                        sig=signal.SIGTERM)
   assert first.wait() == 0, first.output[-3000:]
   assert first.signalled.is_set()
   saved = helpers.checkpoint_steps(workdir)
@@ -66,7 +69,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, cache_dir, compile
 
   # The same command again resumes there, and stops at a later step on the next SIGTERM.
   second = helpers.Child(argv, env, tmp_path / "second.log",
-                  signal_when=lambda: logged_past(stopped_at), sig=signal.SIGTERM)
+                         signal_when=lambda: logged_past(stopped_at), sig=signal.SIGTERM)
   assert second.wait() == 0, second.output[-3000:]
   assert second.signalled.is_set()
   assert f"resumed from step {stopped_at} " in second.output

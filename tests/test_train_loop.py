@@ -18,7 +18,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
-# --- 1. training works ---------------------------------------------------------------------------
+# --- training works ---------------------------------------------------------------------------
 
 
 def test_smoke_run_loss_falls(smoke_run):
@@ -45,18 +45,19 @@ def test_smoke_run_loss_falls(smoke_run):
 
 
 
-# --- 5. data parallelism on 8 fake CPU devices ---------------------------------------------------
+# --- data parallelism on 8 fake CPU devices ---------------------------------------------------
 
 
 def test_eight_device_data_parallel_matches_one_device(tmp_path, cache_dir, request):
-  eight = helpers.Child(helpers.train_argv(tmp_path / "eight", cache_dir, helpers.RESUME), helpers.child_env(cache_dir, num_devices=8),
-                 tmp_path / "eight.log")
+  eight = helpers.Child(helpers.train_argv(tmp_path / "eight", cache_dir, helpers.RESUME),
+                        helpers.child_env(cache_dir, num_devices=8), tmp_path / "eight.log")
   # Meanwhile the same run on one device.
   if jax.device_count() == 1:
     one_workdir = request.getfixturevalue("resume_run")[0]
   else:  # This worker has more devices: a fresh one-device process.
     one_workdir = tmp_path / "one"
-    one = helpers.run(helpers.train_argv(one_workdir, cache_dir, helpers.RESUME), cache_dir, num_devices=1)
+    one = helpers.run(helpers.train_argv(one_workdir, cache_dir, helpers.RESUME), cache_dir,
+                      num_devices=1)
     assert one.returncode == 0, one.stderr[-3000:]
   assert eight.wait() == 0, eight.output[-3000:]
   device_lines = [line for line in eight.output.splitlines() if "devices: [" in line]

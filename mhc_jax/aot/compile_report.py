@@ -1,8 +1,8 @@
 """Compile-only builds of the train step for a named target, from a host without the hardware.
 
 `compile_report(config, target)` builds the exact step `launch.train` runs
-(`state.jit_train_step` on the state and batch shardings of the run's mesh), compiles it with the target's real compiler
-(XLA:TPU and Mosaic through libtpu), and reads back per-device memory and the collectives in the
+(`state.jit_train_step` on the state and batch shardings of the run's mesh), compiles it with
+the target's real compiler (XLA:TPU and Mosaic through libtpu), and reads back per-device memory and the collectives in the
 compiled program (`hlo.py`). FLOPs come from `flops.py`. HBM bytes per step come from XLA's cost
 analysis, which counts a scanned layer once: they are extrapolated from unrolled builds with one and
 two blocks, `bytes(L) = bytes(1) + (L - 1) * (bytes(2) - bytes(1))` (for an MoE model, one and two

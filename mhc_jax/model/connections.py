@@ -2,8 +2,8 @@
 
 A connection module maps the streams `x (B, S, n, C)` to float32 coefficients
 `(h_pre (B, S, n), h_post (B, S, n), h_res (B, S, n, n))`, in paper orientation; the block
-applies them with `pre_mix` and `post_res_mix` (`mhc_jax.parallel.kernels`). `ExitCollapse` merges the
-streams into one before the final norm.
+applies them with `pre_mix` and `post_res_mix` (`mhc_jax.parallel.kernels`). `ExitCollapse`
+merges the streams into one before the final norm.
 """
 
 import functools

@@ -34,8 +34,8 @@ class DecoderLM(nn.Module):
   """Decoder-only LM; `__call__(tokens (B, S)) -> logits (B, S, V)` in float32.
 
   `mesh`: the device mesh of the run, for expert parallelism over its `expert` axis and the
-  pipeline over its `stage` axis (`pipeline`, `mhc_jax/parallel/pipeline.py`); None runs every expert on every
-  device and no pipeline.
+  pipeline over its `stage` axis (`pipeline`, `mhc_jax/parallel/pipeline.py`); None runs every
+  expert on every device and no pipeline.
   """
   cfg: ModelConfig
   mesh: jax.sharding.Mesh | None = None

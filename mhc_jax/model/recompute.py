@@ -1,4 +1,4 @@
-"""The paper's block recompute (§4.3.2, math.md §8): rebuild groups of `L_r` blocks in the backward pass.
+"""The paper's block recompute (§4.3.2, math.md §8): groups of `L_r` blocks rebuilt in the backward.
 
 A scan over rematerialised blocks keeps, for the backward pass, every block's input `x_l`
 (n C per token) and what its remat policy saves. `block_groups` scans over groups of `group`

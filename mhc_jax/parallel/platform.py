@@ -11,6 +11,9 @@ kernels:
 | MoE grouped matmul `auto` | megablox (lane-dense dims) | `ragged_dot` | `ragged_dot` |
 
 `kernel_shard_map` runs a per-device kernel (which XLA cannot partition) under a mesh.
+`kernels_pallas`, a leaf that cannot ask this module, falls back to the host's backend when it is
+called on its own without `BlockSizes.backend`; everything in `mhc_jax` passes the backend chosen
+here.
 """
 
 import dataclasses
