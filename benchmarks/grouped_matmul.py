@@ -23,8 +23,8 @@ from absl import app, flags  # pylint: disable=wrong-import-position
 from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
 
 from configs.loader import load_config  # pylint: disable=wrong-import-position
-from mhc_jax.model import moe
 from mhc_jax.aot import targets  # pylint: disable=wrong-import-position
+from mhc_jax.model import moe  # pylint: disable=wrong-import-position
 from mhc_jax.model.grouped_matmul import grouped_matmul  # pylint: disable=wrong-import-position
 
 _TARGET = flags.DEFINE_string("target", "v5p-8", "Compile-only TPU target (mhc_jax.targets).")

@@ -181,6 +181,9 @@ def mhc_coefficients(x, phi, alpha, bias, *, num_iters=20, eps=1e-6, post_scale=
   `bwd_impl="xla"` differentiates `coefficients_reference` instead of the backward kernel.
   """
   n = _streams_count(bias)
+  if n < 1 or bias.shape != (n * n + 2 * n,):
+    raise ValueError(f"mhc_coefficients: bias must have shape (n*n + 2n,) for n streams; got "
+                     f"{bias.shape}.")
   lead, c = common.split_streams("mhc_coefficients", x, n, token_rows=token_rows)
   common.check_supported(n, c, block_sizes)
   k = n * n + 2 * n

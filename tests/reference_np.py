@@ -4,7 +4,7 @@ import numpy as np
 
 
 def sinkhorn_np(logits, num_iters=20, eps=1e-6):
-  """Spec §4 on `(..., n, n)` float64 logits."""
+  """math.md §4 on `(..., n, n)` float64 logits."""
   l = np.asarray(logits, np.float64)
   e = np.exp(l - l.max(axis=-2, keepdims=True))
   m = e / e.sum(axis=-2, keepdims=True) + eps
@@ -16,7 +16,7 @@ def sinkhorn_np(logits, num_iters=20, eps=1e-6):
 
 
 def coefficients_np(x, phi, alpha, bias, num_iters=20, eps=1e-6, post_scale=2.0):
-  """Spec §3 on `x (..., n, C)` in float64; returns `(h_pre, h_post, h_res)`."""
+  """math.md §3 on `x (..., n, C)` in float64; returns `(h_pre, h_post, h_res)`."""
   x = np.asarray(x, np.float64)
   n, c = x.shape[-2:]
   v = x.reshape(*x.shape[:-2], n * c)

@@ -10,7 +10,7 @@ import pytest
 from configs import loader
 from mhc_jax.model.config import ModelConfig
 from mhc_jax.study import plan as study
-from mhc_jax.training import state as train_state
+from mhc_jax.training import state as run_state
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 STUDY_CONFIG = CONFIGS_DIR / "study.py"
@@ -40,7 +40,7 @@ def test_study_config_runs_are_valid_training_configs(variant, tmp_path):
   assert len(runs) == cfg.seeds * len(study.VARIANTS)
   widths = set()
   for run in runs:
-    model = train_state.validate_config(run.config)
+    model = run_state.validate_config(run.config)
     assert model.connection == run.variant
     widths.add((model.d_model, model.num_layers, run.config.total_steps, run.config.batch_size,
                 run.config.optimizer.lr))
@@ -67,7 +67,7 @@ def test_every_config_has_variants():
 def test_config_loads_and_validates(path, variant):
   config = _load(path).get_config(variant)
   model = ModelConfig.from_dict(config.model)
-  assert train_state.validate_config(config) == model
+  assert run_state.validate_config(config) == model
   parts = set(variant.split(","))
   if "residual" in parts:
     assert (model.connection, model.n_streams) == ("residual", 1)

@@ -19,7 +19,7 @@ def _child():
   from configs import default  # pylint: disable=g-import-not-at-top
   from mhc_jax.parallel import sharding
   from mhc_jax.training import steps
-  from mhc_jax.training import state as train_state
+  from mhc_jax.training import state as run_state
 
   config = default.get_config("smoke")
   config.batch_size = 8
@@ -27,7 +27,7 @@ def _child():
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
   def run(mesh):
-    state, state_shard = train_state.build_state(config, mesh)
+    state, state_shard = run_state.build_state(config, mesh)
     grad_fn = jax.jit(lambda s, b: steps._loss_and_grads(s.params, s.apply_fn, b),  # pylint: disable=protected-access
                       in_shardings=(state_shard, sharding.batch_sharding(mesh)))
     (loss, _), grads = grad_fn(state, batch)

@@ -155,6 +155,16 @@ class CoefficientsTest(parameterized.TestCase):
     self.assertFalse(kernels_pallas.supports(4, 96))
     self.assertTrue(kernels_pallas.supports(4, 1280))
 
+  def test_rejects_bad_shapes_and_layouts(self):
+    x, phi, alpha, bias = _inputs(4, 128, 16, jnp.float32, 1.0)
+    with self.assertRaisesRegex(ValueError, "bias must have shape"):
+      kernels_pallas.mhc_coefficients(x, phi, alpha, bias[:-1], **KW)
+    with self.assertRaisesRegex(ValueError, "phi has shape"):
+      kernels_pallas.mhc_coefficients(x, phi[:, :-1], alpha, bias, **KW)
+    rows = x.reshape(*x.shape[:-2], -1)
+    with self.assertRaisesRegex(ValueError, "need token_rows=True"):  # no guessing the layout
+      kernels_pallas.mhc_coefficients(rows, phi, alpha, bias, **KW)
+
   def test_block_sizes_validated(self):
     with self.assertRaisesRegex(ValueError, "coef_k=100"):
       common.BlockSizes(coef_k=100)

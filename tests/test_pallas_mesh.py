@@ -23,7 +23,7 @@ def _child():
   from mhc_jax.parallel import platform  # pylint: disable=g-import-not-at-top
   from mhc_jax.parallel import sharding
   from mhc_jax.training import steps
-  from mhc_jax.training import state as train_state
+  from mhc_jax.training import state as run_state
 
   config = default.get_config("smoke")
   config.batch_size, config.seq_len = 8, 16
@@ -46,7 +46,7 @@ def _child():
 
   def loss_and_grads(impl, mesh_name="flat"):
     config.model.mhc_impl, mesh = impl, meshes[mesh_name]
-    state, state_shard = train_state.build_state(config, mesh)
+    state, state_shard = run_state.build_state(config, mesh)
     state = state.replace(params=off_symmetric(state.params))
     fn = lambda s, b: steps._loss_and_grads(s.params, s.apply_fn, b)  # pylint: disable=protected-access
     calls = str(jax.make_jaxpr(fn)(state, batch)).count("mhc_post_res_mix")

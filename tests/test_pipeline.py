@@ -30,7 +30,7 @@ def _child():
   from configs import default  # pylint: disable=g-import-not-at-top
   from mhc_jax.parallel import sharding
   from mhc_jax.training import steps
-  from mhc_jax.training import state as train_state
+  from mhc_jax.training import state as run_state
 
   tokens = np.random.default_rng(0).integers(0, 256, (8, 33), np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -42,7 +42,7 @@ def _child():
     return c
 
   def run(c, mesh):
-    state, state_shard = train_state.build_state(c, mesh)
+    state, state_shard = run_state.build_state(c, mesh)
     grad_fn = jax.jit(lambda s, b: steps._loss_and_grads(s.params, s.apply_fn, b),  # pylint: disable=protected-access
                       in_shardings=(state_shard, sharding.batch_sharding(mesh)))
     (loss, _), grads = grad_fn(state, batch)
@@ -65,7 +65,7 @@ def _child():
         "loss": abs(loss - ref_loss),
         "grads": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                      for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))),
-        "sends": sends, "spec": spec, "summary": train_state.check_pipeline(c, mesh)})
+        "sends": sends, "spec": spec, "summary": run_state.check_pipeline(c, mesh)})
   print(json.dumps(out))
 
 

@@ -1,7 +1,7 @@
 """Compile-only builds of the train step for a named target, from a host without the hardware.
 
 `compile_report(config, target)` builds the exact step `launch.train` runs
-(`state.jit_train_step` on the state and batch shardings of the run's mesh), compiles it with
+(`training.state.jit_train_step` on the state and batch shardings of the run's mesh), compiles it with
 the target's real compiler (XLA:TPU and Mosaic through libtpu), and reads back per-device memory and the collectives in the
 compiled program (`hlo.py`). FLOPs come from `flops.py`. HBM bytes per step come from XLA's cost
 analysis, which counts a scanned layer once: they are extrapolated from unrolled builds with one and
@@ -26,19 +26,19 @@ from mhc_jax.aot.flops import train_flops_per_step
 from mhc_jax.aot.targets import Target, compile_only_devices
 from mhc_jax.model.config import ModelConfig
 from mhc_jax.parallel import sharding
-from mhc_jax.training import state as train_state
+from mhc_jax.training import state as run_state
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> Any:
   """The compiled train step of `config` on a mesh of `devices` (compile-only devices work)."""
   mesh = sharding.mesh_from_config(config.mesh, devices)
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
-  train_state.check_pipeline(config, mesh)
-  state, state_shard = train_state.build_abstract_state(config, mesh)
+  run_state.check_pipeline(config, mesh)
+  state, state_shard = run_state.build_abstract_state(config, mesh)
   batch_shard = sharding.batch_sharding(mesh)
   tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32,
                                 sharding=batch_shard)
   with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    return train_state.jit_train_step(state_shard, batch_shard, config.grad_accum_steps).lower(
+    return run_state.jit_train_step(state_shard, batch_shard, config.grad_accum_steps).lower(
         state, {"inputs": tokens, "targets": tokens}).compile()
 
 
@@ -78,7 +78,7 @@ def _oom_temp_bytes(error: Exception) -> float | None:
 def _argument_bytes(config: ml_collections.ConfigDict, devices: list) -> float:
   """Per-device bytes of the train state and the batch, from their shapes and shardings."""
   mesh = sharding.mesh_from_config(config.mesh, devices)
-  state, _ = train_state.build_abstract_state(config, mesh)
+  state, _ = run_state.build_abstract_state(config, mesh)
   state_bytes = sum(math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
                     for s in jax.tree.leaves(state))
   return state_bytes + 2 * 4 * config.batch_size * config.seq_len / sharding.batch_parallelism(mesh)
@@ -87,7 +87,7 @@ def _argument_bytes(config: ml_collections.ConfigDict, devices: list) -> float:
 def _optimizer_bytes(config: ml_collections.ConfigDict, devices: list) -> float:
   """XLA's bytes accessed by the optimizer update alone (clip, AdamW, apply) on this mesh."""
   mesh = sharding.mesh_from_config(config.mesh, devices)
-  state, state_shard = train_state.build_abstract_state(config, mesh)
+  state, state_shard = run_state.build_abstract_state(config, mesh)
   update = jax.jit(lambda st, g: st.apply_gradients(grads=g),
                    in_shardings=(state_shard, state_shard.params), out_shardings=state_shard)
   return float(update.lower(state, state.params).compile().cost_analysis()["bytes accessed"])
@@ -96,7 +96,7 @@ def _optimizer_bytes(config: ml_collections.ConfigDict, devices: list) -> float:
 def _param_bytes(config: ml_collections.ConfigDict, devices: list) -> float:
   """Per-device bytes of the (float32) parameters."""
   mesh = sharding.mesh_from_config(config.mesh, devices)
-  state, _ = train_state.build_abstract_state(config, mesh)
+  state, _ = run_state.build_abstract_state(config, mesh)
   return sum(math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
              for s in jax.tree.leaves(state.params))
 
@@ -234,7 +234,7 @@ def compile_report(config: ml_collections.ConfigDict, target: Target,
       collectives=hlo.collectives(compiled) if compiled is not None else {},
       kernels=hlo.fused_kernels(compiled) if compiled is not None else {},
       out_of_memory=compiled is None,
-      pipeline=train_state.check_pipeline(config, sharding.mesh_from_config(config.mesh, devices)),
+      pipeline=run_state.check_pipeline(config, sharding.mesh_from_config(config.mesh, devices)),
       pipeline_sends=hlo.overlapped_sends(compiled.as_text()) if compiled is not None else [],
       stream_relayouts=_stream_relayouts(config, devices, compiled))
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from mhc_jax.core.sinkhorn import DEFAULT_EPS, DEFAULT_NUM_ITERS, sinkhorn_knopp
 
+
 def num_logits(n: int) -> int:
   """Width of the coefficient projection `phi`: n (pre) + n (post) + n*n (res)."""
   return n * n + 2 * n
@@ -103,7 +104,6 @@ def _check_shapes(x, phi, alpha, bias):
 def mhc_coefficients(
     x: jax.Array, phi: jax.Array, alpha: jax.Array, bias: jax.Array, *,
     num_iters: int = DEFAULT_NUM_ITERS, eps: float = DEFAULT_EPS, post_scale: float = 2.0,
-    impl: str = "xla", mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Computes `(h_pre (..., n), h_post (..., n), h_res (..., n, n))` from streams `x (..., n, C)`.
 

@@ -1,6 +1,6 @@
 """Sinkhorn–Knopp projection of logits onto (approximately) doubly stochastic matrices.
 
-Spec §4: paper orientation (`M[i, j]` is the weight of input stream `j` in output stream `i`),
+math.md §4: paper orientation (`M[i, j]` is the weight of input stream `j` in output stream `i`),
 columns normalised first and rows last, so row sums are exact and column sums approximate.
 With the default `eps = 1e-6` this matches DeepSeek's released reference in float32; `eps = 0`
 gives the paper's Eq. 9.

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 
 from mhc_jax.core.coefficients import (coefficients_from_logits, dynamic_logits, num_logits,
                                        rms_scale)
-from mhc_jax.model.config import ModelConfig
 from mhc_jax.core.permutations import (lite_coefficients, lite_coefficients_from_logits,
                                        num_lite_logits)
+from mhc_jax.model.config import ModelConfig
 from mhc_jax.parallel import kernels
 
 

@@ -22,7 +22,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from mhc_jax.model.config import ModelConfig
-from mhc_jax.training import data, state
+from mhc_jax.training import data
+from mhc_jax.training import state as run_state  # (`state` names train states here)
 
 
 def make_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
@@ -144,8 +145,8 @@ def load_for_inference(workdir: str) -> tuple[ModelConfig, Any, str]:
   if step is None:
     raise ValueError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
                      "train first: python -m launch.train --workdir=" + workdir)
-  config = state.upgrade_legacy_fields(ml_collections.ConfigDict(saved_config(mngr, step)))
-  abstract = jax.eval_shape(lambda: state.build_state(config, mesh=None)[0])
+  config = run_state.upgrade_legacy_fields(ml_collections.ConfigDict(saved_config(mngr, step)))
+  abstract = jax.eval_shape(lambda: run_state.build_state(config, mesh=None)[0])
   params = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract))).state.params
   data_dir = data.resolve_data_dir(config.data.get("dir") or None,

@@ -27,6 +27,7 @@ from mhc_jax.training.metrics import MetricsWriter, ProgressBar
 from mhc_jax.training.state import build_state, check_pipeline, jit_train_step, validate_config
 from mhc_jax.training.steps import eval_loss
 
+
 class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or Inf."""
 
