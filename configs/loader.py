@@ -36,11 +36,6 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return _module(path).get_config(arg or None)
 
 
-def config_doc(path: str) -> str:
-  """The docstring of a config file (its command and variants)."""
-  return _module(path).__doc__ or ""
-
-
 def _typed(key: str, text: str, default: Any) -> Any:
   if isinstance(default, bool):
     if text.lower() not in ("true", "false", "1", "0"):
