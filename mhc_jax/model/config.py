@@ -5,11 +5,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from mhc_jax.connection.spec import COLLAPSES as EXITS
+from mhc_jax.connection.spec import KINDS as CONNECTIONS
+from mhc_jax.connection.spec import ConnectionSpec
 from mhc_jax.core.permutations import MAX_STREAMS as MAX_LITE_STREAMS
 from mhc_jax.parallel.platform import ATTENTION_IMPLS, MHC_IMPLS, MOE_IMPLS
 
-CONNECTIONS = ("residual", "hc", "mhc", "mhc_lite")
-EXITS = ("gated", "sum", "mean")
 REMAT_POLICIES = ("none", "full", "dots", "mhc_block")
 ATTENTIONS = ("gqa", "mla")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -138,6 +139,19 @@ class ModelConfig:
               "one block has experts.")
     if self.dtype not in DTYPES:
       _fail("dtype", self.dtype, f"choose one of {tuple(DTYPES)}.")
+
+  @property
+  def connection_spec(self) -> ConnectionSpec:
+    """The settings of every connection layer of the model."""
+    return ConnectionSpec(kind=self.connection, n=self.n_streams, sinkhorn_iters=self.sinkhorn_iters,
+                          eps=self.mhc_eps, alpha_init=self.mhc_alpha_init,
+                          res_identity_bias=self.mhc_res_identity_bias, dynamic=self.mhc_dynamic,
+                          hc_scale=self.hc_scale, norm_eps=self.norm_eps)
+
+  @property
+  def exit_mode(self) -> str:
+    """How the streams leave: residual and HC sum them (math.md §5-6), mHC uses `mhc_exit`."""
+    return "sum" if self.connection in ("residual", "hc") else self.mhc_exit
 
   @property
   def head_dim(self) -> int:

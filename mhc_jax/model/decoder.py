@@ -14,9 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mhc_jax.core.streams import expand_stream_rows, expand_streams
+from mhc_jax import linen as mhc
 from mhc_jax.model.config import ModelConfig
-from mhc_jax.model.connections import Coefficients, ExitCollapse
 from mhc_jax.model.layers import RMSNorm, dense_init, rope_tables
 from mhc_jax.model.moe import MoEStats, bias_update
 from mhc_jax.model.stack import block_stack
@@ -81,8 +80,7 @@ class DecoderLM(nn.Module):
     # With the kernels the streams travel between blocks as token rows (B, S, n*C): a
     # (B, S, n, C) array is tiled over (n, C) on TPU, so every kernel would need a relayout copy.
     token_rows = impl == "pallas" and not self.is_initializing()
-    expand = expand_stream_rows if token_rows else expand_streams
-    streams = expand(x_BxSxC, cfg.n_streams)  # x_BxSxNC (token rows) or x_BxSxNxC
+    streams = mhc.expand(x_BxSxC, cfg.n_streams, token_rows=token_rows)  # x_BxSxNC or x_BxSxNxC
     dense_blocks = cfg.num_layers - cfg.moe_blocks
     staged = self.mesh is not None and self.mesh.shape.get("stage", 1) > 1
     outputs = []  # (coeffs, moe_stats) of each stack, layers first
@@ -100,7 +98,8 @@ class DecoderLM(nn.Module):
       outputs.append(out)
 
     x_BxSxNxC = streams.reshape(*x_BxSxC.shape[:-1], cfg.n_streams, cfg.d_model)
-    y_BxSxC = ExitCollapse(cfg, name="exit")(x_BxSxNxC)
+    y_BxSxC = mhc.Collapse(cfg.exit_mode, cfg.mhc_eps, cfg.mhc_alpha_init, logical_axes=True,
+                           name="exit")(x_BxSxNxC)
     y_BxSxC = RMSNorm(cfg.norm_eps, dt, name="final_norm")(y_BxSxC)
     logits_BxSxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, name="lm_head",
                             kernel_init=dense_init(cfg.d_model, ("embed", "vocab")))(y_BxSxC)
@@ -111,7 +110,7 @@ class DecoderLM(nn.Module):
       return logits_BxSxV
     # (num_layers, 2, ...) -> (2 * num_layers, ...): one entry per connection layer, in order.
     coeffs = jax.tree.map(lambda *c: jnp.concatenate(c), *(o[0] for o in outputs))
-    return logits_BxSxV, Coefficients(*(c.reshape(-1, *c.shape[2:]) for c in coeffs))
+    return logits_BxSxV, mhc.Coefficients(*(c.reshape(-1, *c.shape[2:]) for c in coeffs))
 
 
 def apply_balance_update(params: dict, stats: MoEStats | None) -> dict:

@@ -14,18 +14,18 @@ block input. (A name-based "save all but the streams" policy does not work: the 
 residuals of the custom VJPs in `core/streams.py`, which carry no name.)
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
+from mhc_jax import linen as mhc
 from mhc_jax.model import recompute
 from mhc_jax.model.config import ModelConfig
-from mhc_jax.model.connections import make_connection
 from mhc_jax.model.layers import Attention, RMSNorm, SwiGLU
 from mhc_jax.model.mla import MLA
 from mhc_jax.model.moe import MoE
-from mhc_jax.parallel import kernels
 
 STREAM_AXES = ("batch", "length", "streams", "embed")  # streams (B, S, n, C)
 TOKEN_ROW_AXES = ("batch", "length", None)  # streams as token rows (B, S, n*C)
@@ -58,28 +58,30 @@ class Block(nn.Module):
     cfg, dt = self.cfg, self.cfg.activation_dtype
     attention = MLA if cfg.attention == "mla" else Attention
     stats = []
+    # The sublayers are this block's children; the connection only calls them.
+    attn, attn_norm = attention(cfg, self.mesh, name="attn"), RMSNorm(cfg.norm_eps, dt,
+                                                                      name="attn_norm")
+    mlp = MoE(cfg, self.mesh, name="moe") if self.moe else SwiGLU(cfg, name="mlp")
+    mlp_norm = RMSNorm(cfg.norm_eps, dt, name="mlp_norm")
 
-    def moe_sublayer(u):
-      y, s = MoE(cfg, self.mesh, name="moe")(u)
+    def mlp_sublayer(u):
+      if not self.moe:
+        return mlp(mlp_norm(u))
+      y, s = mlp(mlp_norm(u))
       stats.append(s)
       return y
 
-    sublayers = (("attn", lambda u: attention(cfg, self.mesh, name="attn")(u, sin_SxR, cos_SxR)),
-                 ("mlp", moe_sublayer if self.moe else lambda u: SwiGLU(cfg, name="mlp")(u)))
-    # Parameters do not depend on the implementation: initialise through XLA (the kernels'
-    # shard_map would not split the one-sequence init batch over the mesh).
-    impl = "xla" if self.is_initializing() else self.impl
-    token_rows = impl == "pallas"
-    ops = dict(impl=impl, token_rows=token_rows, mesh=self.mesh)
+    sublayers = (("attn", lambda u: attn(attn_norm(u), sin_SxR, cos_SxR)),
+                 ("mlp", mlp_sublayer))
+    # The streams are token rows under the kernels, except at init (which runs XLA).
+    token_rows = self.impl == "pallas" and not self.is_initializing()
     all_coeffs = []
     for k, (name, sublayer) in enumerate(sublayers):
       streams = nn.with_logical_constraint(streams, TOKEN_ROW_AXES if token_rows else STREAM_AXES)
-      coeffs = make_connection(cfg, f"{name}_conn", impl, self.mesh, token_rows=token_rows)(
-          streams, 2 * block_index + k)
-      u_BxSxC = kernels.pre_mix(streams, coeffs.h_pre, **ops)
-      y_BxSxC = sublayer(RMSNorm(cfg.norm_eps, dt, name=f"{name}_norm")(u_BxSxC))
-      y_BxSxC = checkpoint_name(y_BxSxC, "sublayer_out")
-      streams = kernels.post_res_mix(streams, y_BxSxC, coeffs.h_post, coeffs.h_res, **ops)
+      streams, coeffs = mhc.Connection(
+          **dataclasses.asdict(cfg.connection_spec), impl=self.impl, mesh=self.mesh,
+          token_rows=token_rows, logical_axes=True, name=f"{name}_conn")(
+              streams, sublayer, layer_index=2 * block_index + k, return_coeffs=True)
       all_coeffs.append(coeffs)
     stacked = jax.tree.map(lambda *c: jnp.stack(c), *all_coeffs) if self.return_coeffs else None
     return streams, (stacked, stats[0] if stats else None)
