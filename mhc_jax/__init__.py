@@ -6,6 +6,8 @@ The package is layered (docs/design.md): `core` (math) < `parallel` < `model` < 
 `aot`, `study`.
 """
 
+__version__ = "0.2.0"
+
 from mhc_jax.core.coefficients import coefficients_from_logits, num_logits
 from mhc_jax.core.diagnostics import (amax_gain, composite_backward, composite_forward,
                                       layer_diagnostics)

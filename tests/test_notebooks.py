@@ -1,7 +1,9 @@
 """Every notebook executes top to bottom in a real Jupyter kernel, opens in Colab (its first code
 cell installs the project when it is missing) and is committed with its outputs."""
 
+import importlib.util
 import pathlib
+import subprocess
 
 import nbformat
 from nbclient import NotebookClient
@@ -49,3 +51,15 @@ def test_notebook_executes_in_a_jupyter_kernel(path, tmp_path, cache_dir, monkey
   errors = [o for c in _code_cells(nb) for o in c.outputs if o.output_type == "error"]
   assert not errors, errors
   assert any(_has_image(c) for c in _code_cells(nb))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_install_cell_stops_with_one_sentence_when_nothing_is_set(path, monkeypatch):
+  """Without mhc_jax and with MHC_JAX_SOURCE unset, the first cell installs nothing and says
+  what to set."""
+  first = _code_cells(nbformat.read(path, as_version=4))[0].source
+  assert 'MHC_JAX_SOURCE = ""' in first and "github.com/mhc-jax" not in first
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+  monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+  with pytest.raises(RuntimeError, match=r"^mhc_jax is not installed: set MHC_JAX_SOURCE .*\.$"):
+    exec(first, {})  # pylint: disable=exec-used
