@@ -36,7 +36,7 @@ def dist(tmp_path_factory):
   return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def wheel_python(dist, tmp_path_factory):
   """The python of a fresh venv holding only the wheel and its dependencies."""
   venv = tmp_path_factory.mktemp("venv")
@@ -74,24 +74,30 @@ def test_wheel_and_sdist_hold_the_package_once_versioned(dist):
   assert {"pyproject.toml", "README.md", "nnx.py", "apply.py"} <= members
 
 
-def test_readme_blocks_run_from_the_wheel(wheel_python, tmp_path, cache_dir):
-  blocks = readme_blocks()
-  assert len(blocks) == 2
+def test_readme_nnx_block_changes_fewer_than_15_lines():
+  """The lines marked `mHC` are the whole change to the user's NNX model, and the README says how
+  many there are."""
+  marked = sum("# mHC" in line for line in readme_blocks()[0].splitlines())
+  text = (REPO / "README.md").read_text()
+  assert marked < 15 and f"The {marked} lines marked `mHC`" in text, marked
+
+
+def test_readme_blocks_and_examples_run_from_the_wheel(wheel_python, tmp_path, cache_dir):
+  """One test, so that one venv serves it under pytest-xdist."""
   where = _run_outside(wheel_python, ["-c", "import mhc_jax; print(mhc_jax.__file__)"], tmp_path,
                        cache_dir)
   assert str(wheel_python.parents[1]) in where.stdout, where.stdout + where.stderr
+  blocks = readme_blocks()
+  assert len(blocks) == 2
   for i, block in enumerate(blocks):
     script = tmp_path / f"block_{i}.py"
     script.write_text(block)
     proc = _run_outside(wheel_python, [str(script)], tmp_path, cache_dir)
     assert proc.returncode == 0, f"README block {i}:\n{block}\n{proc.stderr[-3000:]}"
     assert proc.stdout.strip(), f"README block {i} printed nothing"
-
-
-@pytest.mark.parametrize("example", ["nnx_gpt.py", "linen_gpt.py"])
-def test_examples_train_from_the_wheel(wheel_python, tmp_path, cache_dir, example):
-  proc = _run_outside(wheel_python, [str(REPO / "examples" / example), "--steps=20",
-                                     "--batch=8", "--seq=32"], tmp_path, cache_dir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  losses = [float(x) for x in re.findall(r"loss ([\d.]+)", proc.stdout)]
-  assert len(losses) == 2 and losses[-1] < losses[0] < 6.0, proc.stdout  # ln 256 = 5.55
+  for example in ("nnx_gpt.py", "linen_gpt.py"):
+    proc = _run_outside(wheel_python, [str(REPO / "examples" / example), "--steps=20",
+                                       "--batch=8", "--seq=32"], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"loss ([\d.]+)", proc.stdout)]
+    assert len(losses) == 2 and losses[-1] < losses[0] < 6.0, proc.stdout  # ln 256 = 5.55
