@@ -28,7 +28,7 @@ class Block(nn.Module):
   def __call__(self, x, index):
     d = x.shape[-1]
     attn_norm, mlp_norm = nn.RMSNorm(name="attn_norm"), nn.RMSNorm(name="mlp_norm")
-    attention = nn.SelfAttention(self.heads, name="attn")
+    attention = nn.MultiHeadDotProductAttention(self.heads, name="attn")
     up, down = nn.Dense(4 * d, name="up"), nn.Dense(d, name="down")
     mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
     attn = lambda u: attention(attn_norm(u), mask=mask)

@@ -2,8 +2,9 @@
 
 The functions here work on arrays. `mhc_coefficients`, `pre_mix` and `post_res_mix` take
 `impl="xla" | "pallas"` (the fused kernels, per device under `mesh=`); the rest is plain jnp.
-The package is layered (docs/design.md): `core` (math) < `parallel` < `model` < `training` <
-`aot`, `study`.
+To add mHC to a Flax model of your own, use `mhc_jax.nnx` or `mhc_jax.linen` (docs/api.md).
+The package is layered (docs/design.md): `core` (math) < `parallel` < `connection` <
+`linen`, `nnx` < `model` < `training` < `aot`, `study`.
 """
 
 __version__ = "0.2.0"

@@ -36,7 +36,8 @@ class Connection(nn.Module):
 
   Called as `(streams, sublayer, *, layer_index=0, return_coeffs=False)`. `streams` is
   `(B, S, n, C)` (token rows `(B, S, n*C)` with `token_rows=True`); `sublayer` maps `(B, S, C)`
-  to `(B, S, C)` and includes its pre-norm. `layer_index` (traced is fine) sets HC's one-hot
+  to `(B, S, C)` and includes its pre-norm; build its modules in your own module (as above), so
+  that their parameters stay yours. `layer_index` (traced is fine) sets HC's one-hot
   init. Under `impl="pallas"` mHC runs the fused kernels (interpret mode on CPU), per device
   over the batch axes of `mesh` when one is given; the other kinds run XLA.
   """

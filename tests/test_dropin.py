@@ -275,6 +275,19 @@ def test_nnx_scan_over_layers_under_jit():
   _close(scanned(stack, x), want)
 
 
+def test_nnx_remat_keeps_values_and_gradients():
+  """`nnx.remat` under the paper's `mhc_block` policy (the sublayer output is named
+  `sublayer_out`) changes nothing but memory."""
+  conn = mnnx.Connection(16, rngs=nnx.Rngs(0))
+  _set_nnx(conn, _perturbed(nnx.to_pure_dict(nnx.state(conn)), scale=0.1))
+  x, sublayer = mnnx.expand(_inputs(), 4), _sublayer(16, 1)
+  loss = lambda conn, x: jnp.sum(jnp.sin(conn(x, sublayer)))
+  remat_loss = nnx.remat(loss, policy=REMAT_POLICIES["mhc_block"])
+  want = nnx.value_and_grad(loss, argnums=(0, 1))(conn, x)
+  got = nnx.jit(nnx.value_and_grad(remat_loss, argnums=(0, 1)))(conn, x)
+  _close(jax.tree.leaves(got), jax.tree.leaves(want))
+
+
 # --- Parameters, diagnostics, the two APIs agree -------------------------------------------------
 
 @pytest.mark.parametrize("kind,n", KINDS + [("mhc", 8)])

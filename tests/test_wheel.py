@@ -52,6 +52,8 @@ def wheel_python(dist, tmp_path_factory):
 def _run_outside(python, argv, cwd, cache_dir, timeout=600):
   env = helpers.child_env(cache_dir)
   env.pop("PYTHONPATH", None)
+  # Users copy these snippets: one that reaches a deprecated API fails.
+  argv = ["-W", "error::DeprecationWarning", *argv]
   return subprocess.run([str(python), *argv], cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=timeout)
 
