@@ -13,25 +13,32 @@ TPU_STAMP := $(TPU_VENV)/.installed
 CUDA_VENV := .venv-cuda
 CUDA_PY := $(CUDA_VENV)/bin/python
 CUDA_STAMP := $(CUDA_VENV)/.installed
+# Each venv installs the versions its Python was tested with, when constraints/ pins them
+# (`-c constraints/py<major>.<minor>.txt`); other Pythons get the newest within pyproject's bounds.
+CONSTRAIN := import os, sys; f = "constraints/py%d.%d.txt" % sys.version_info[:2]; print("-c " + f if os.path.exists(f) else "")
+SAY_VERSIONS := import sys, jax; print(f"{sys.prefix}: Python {sys.version.split()[0]}, jax {jax.__version__}")
 
 .PHONY: train test venv tpu-venv cuda-venv compile compile-check clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(wildcard constraints/*.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q $$($(PY) -c '$(CONSTRAIN)') -e '.[test]'
+	@$(PY) -c '$(SAY_VERSIONS)'
 	touch $(STAMP)
 
-$(TPU_STAMP): pyproject.toml
+$(TPU_STAMP): pyproject.toml $(wildcard constraints/*.txt)
 	test -x $(TPU_PY) || $(PYTHON) -m venv $(TPU_VENV)
 	$(TPU_PY) -m pip install -q --upgrade pip
-	$(TPU_PY) -m pip install -q -e '.[tpu]'
+	$(TPU_PY) -m pip install -q $$($(TPU_PY) -c '$(CONSTRAIN)') -e '.[tpu]'
+	@$(TPU_PY) -c '$(SAY_VERSIONS)'
 	touch $(TPU_STAMP)
 
-$(CUDA_STAMP): pyproject.toml
+$(CUDA_STAMP): pyproject.toml $(wildcard constraints/*.txt)
 	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_PY) -m pip install -q --upgrade pip
-	$(CUDA_PY) -m pip install -q -e '.[cuda]'
+	$(CUDA_PY) -m pip install -q $$($(CUDA_PY) -c '$(CONSTRAIN)') -e '.[cuda]'
+	@$(CUDA_PY) -c '$(SAY_VERSIONS)'
 	touch $(CUDA_STAMP)
 
 venv: $(STAMP)

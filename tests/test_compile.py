@@ -93,6 +93,10 @@ def test_train_step_compiles_for_tpu(tmp_path, target, connection):
   # Data parallel over 4 chips: the gradients are all-reduced.
   assert report["collectives"].get("all-reduce", 0) >= 1, report["collectives"]
   assert "fits" in proc.stdout and "roofline step time" in proc.stdout
+  # The figures carry the compilers that made them.
+  versions = report["versions"]
+  assert {"python", "jax", "jaxlib", "libtpu"} <= set(versions), versions
+  assert f"libtpu {versions['libtpu']}" in proc.stdout
 
 
 @needs_libtpu

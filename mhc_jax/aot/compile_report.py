@@ -25,7 +25,7 @@ from mhc_jax.aot import hlo
 from mhc_jax.aot.flops import train_flops_per_step
 from mhc_jax.aot.targets import Target, compile_only_devices
 from mhc_jax.model.config import ModelConfig
-from mhc_jax.parallel import sharding
+from mhc_jax.parallel import platform, sharding
 from mhc_jax.training import state as run_state
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> Any:
@@ -150,6 +150,8 @@ class CompileReport:
   # Copies, transposes or reshapes of the residual streams next to the mHC kernels
   # (`kernel_relayouts`); None when the model does not run them.
   stream_relayouts: list[str] | None = None
+  # What built it: python, jax, jaxlib, flax, libtpu or the CUDA plugin (`toolchain_versions`).
+  versions: dict[str, str] = dataclasses.field(default_factory=platform.toolchain_versions)
 
   def lines(self) -> list[str]:
     gib = lambda b: f"{b / 2**30:.2f} GiB"
@@ -176,6 +178,7 @@ class CompileReport:
            f"ops between start and done: {self.pipeline_sends}"] if self.pipeline else []),
         f"roofline step time {self.roofline_step_s * 1e3:.2f} ms, MFU {100 * self.mfu:.3g}%"
         + ("" if self.hbm_bytes_per_step is not None else " (compute only: an upper bound)"),
+        "versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()),
     ]
 
 

@@ -17,7 +17,9 @@ here.
 """
 
 import dataclasses
+from importlib import metadata
 import logging
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,18 @@ MHC_IMPLS = ("xla", "pallas")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 MOE_IMPLS = ("auto", "ragged_dot", "megablox")
 LANES = 128  # TPU lane width: splash and megablox tile by it
+
+
+def toolchain_versions() -> dict[str, str]:
+  """The versions a figure was measured with: Python, jax, jaxlib, flax and the compilers
+  installed beside them (libtpu, JAX's CUDA plugin), the missing ones left out."""
+  out = {"python": sys.version.split()[0]}
+  for name in ("jax", "jaxlib", "flax", "libtpu", "jax-cuda13-plugin", "jax-cuda12-plugin"):
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return out
 
 
 def platform(mesh: jax.sharding.Mesh | None) -> str:
